@@ -1,0 +1,21 @@
+"""`shardserve bench ...`: the benchmark subcommands (each takes --output-json)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES = {
+    "throughput": ("shardserve.bench.throughput", "offline tokens/s on a random workload (--compare-hf)"),
+}
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHES))
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH")
+    for name, (module, help_text) in BENCHES.items():
+        mod = importlib.import_module(module)
+        bp = bsub.add_parser(name, help=help_text, description=(mod.__doc__ or "").strip(),
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_args(bp)
+        bp.set_defaults(func=mod.run)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

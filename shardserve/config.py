@@ -1,0 +1,252 @@
+"""Engine configuration: validated dataclasses for the model, the parallel layout, the KV cache and the scheduler."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the flag and a valid alternative."""
+
+
+def parse_dtype(dtype: str | torch.dtype, hf_config: dict[str, Any]) -> torch.dtype:
+    """Resolve `--dtype auto|float32|bfloat16|float16` against the checkpoint's declared dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+        return _DTYPES.get(str(declared).replace("torch.", ""), torch.float32)
+    if dtype not in _DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; use one of: auto, float32, bfloat16, float16")
+    return _DTYPES[dtype]
+
+
+def parse_size(value: str | int | float | None) -> int | None:
+    """Parse '2GiB', '512MiB', '1.5G', '1e9' or a plain number of bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(value), flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"cannot parse size {value!r}; write e.g. 2GiB, 512MiB or a number of bytes")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    base = 1024 if (binary or unit) else 1
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
+    return int(num * base**power)
+
+
+@dataclass
+class ModelConfig:
+    """What the model is: the HF directory, its config.json, the dtype and the context length served."""
+    model: str
+    dtype: torch.dtype
+    hf_config: dict[str, Any]
+    max_model_len: int
+    tokenizer: str
+    seed: int = 0
+
+    @classmethod
+    def from_path(cls, model: str, dtype: str | torch.dtype = "auto", max_model_len: int | None = None,
+                  tokenizer: str | None = None, seed: int = 0) -> "ModelConfig":
+        path = Path(model)
+        cfg_file = path / "config.json" if path.is_dir() else path
+        if not cfg_file.is_file():
+            raise ConfigError(f"--model {model!r}: no config.json found; pass a Hugging Face model directory "
+                              "(run `shardserve make-tiny-model DIR` to create one)")
+        hf_config = json.loads(cfg_file.read_text())
+        derived = _derived_max_len(hf_config)
+        if max_model_len is None:
+            max_model_len = derived
+        elif max_model_len > derived:
+            raise ConfigError(f"--max-model-len {max_model_len} exceeds the model's maximum context of {derived} "
+                              f"(max_position_embeddings); use --max-model-len {derived} or less")
+        elif max_model_len < 1:
+            raise ConfigError(f"--max-model-len must be >= 1, got {max_model_len}")
+        return cls(model=str(path), dtype=parse_dtype(dtype, hf_config), hf_config=hf_config,
+                   max_model_len=max_model_len, tokenizer=tokenizer or str(path), seed=seed)
+
+    @property
+    def architecture(self) -> str:
+        archs = self.hf_config.get("architectures") or []
+        return archs[0] if archs else ""
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf_config["num_hidden_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.hf_config["num_attention_heads"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.hf_config.get("num_key_value_heads") or self.num_heads)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf_config["hidden_size"])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.hf_config.get("head_dim") or self.hidden_size // self.num_heads)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config["vocab_size"])
+
+    def kv_bytes_per_token(self, tp_size: int = 1, num_layers: int | None = None) -> int:
+        """Bytes of K and V one token occupies on one rank (KV heads replicated when tp > num_kv_heads)."""
+        kv_per_rank = max(1, self.num_kv_heads // tp_size)
+        layers = self.num_layers if num_layers is None else num_layers
+        return 2 * layers * kv_per_rank * self.head_dim * self.dtype.itemsize
+
+
+def _derived_max_len(hf_config: dict[str, Any]) -> int:
+    return int(hf_config.get("max_position_embeddings") or hf_config.get("max_sequence_length") or 2048)
+
+
+@dataclass
+class ParallelConfig:
+    """The layout: world = dp × pp × tp ranks, TP innermost."""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # "uni" | "mp"; None = uni for world 1, else mp
+    collective_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.distributed_executor_backend not in (None, "uni", "mp"):
+            raise ConfigError(f"--distributed-executor-backend {self.distributed_executor_backend!r} is not "
+                              "supported; use 'uni' (world size 1) or 'mp' (one process per rank)")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one engine core (one DP replica)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor(self) -> str:
+        if self.distributed_executor_backend:
+            return self.distributed_executor_backend
+        return "uni" if self.world_size == 1 else "mp"
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache: block size, how much memory it may take, and prefix caching."""
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes (CPU); None = a default share of the host
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two >= 1, got {self.block_size}; try 16")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError(f"--kv-cache-memory must be positive, got {self.kv_cache_memory}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits: tokens per step, sequences per step, chunked prefill."""
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    enable_chunked_prefill: bool = True
+    max_waiting_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything one engine core needs."""
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        validate_layout(self.model, self.parallel, self.device)
+        if not self.scheduler.enable_chunked_prefill and \
+                self.scheduler.max_num_batched_tokens < self.model.max_model_len:
+            raise ConfigError("without chunked prefill --max-num-batched-tokens must be >= --max-model-len "
+                              f"({self.model.max_model_len}); raise it or enable chunked prefill")
+
+
+def validate_layout(model: ModelConfig, par: ParallelConfig, device: str) -> None:
+    """Refuse layouts that cannot work, with the reason and a layout that would."""
+    tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
+    heads, kv = model.num_heads, model.num_kv_heads
+    if heads % tp:
+        ok = [d for d in range(1, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0)]
+        raise ConfigError(f"--tensor-parallel-size {tp}: num_attention_heads ({heads}) is not divisible by {tp}; "
+                          f"valid sizes for this model: {', '.join(map(str, ok))}")
+    if tp > kv and tp % kv or tp <= kv and kv % tp:
+        raise ConfigError(f"--tensor-parallel-size {tp}: num_key_value_heads ({kv}) must divide by tp or tp by it")
+    if pp > model.num_layers:
+        raise ConfigError(f"--pipeline-parallel-size {pp} exceeds the model's {model.num_layers} layers; "
+                          f"use at most {model.num_layers}")
+    world = tp * pp
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count()
+        if world > n:
+            raise ConfigError(f"tp × pp = {world} ranks need {world} GPUs but {n} are visible; "
+                              f"lower --tensor-parallel-size/--pipeline-parallel-size or use --device cpu")
+    else:
+        import os
+        cores = os.cpu_count() or 1
+        if world > 8 * cores:
+            raise ConfigError(f"tp × pp = {world} CPU ranks on {cores} cores would thrash; use at most {8 * cores}")
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when available, else cpu; anything else must be cpu or cuda[:N]."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} requested but CUDA is not available; use --device cpu")
+        return device
+    raise ConfigError(f"--device {device!r} is not supported; use auto, cpu or cuda")
+
+
+def engine_config_to_dict(cfg: EngineConfig) -> dict[str, Any]:
+    """JSON-safe form of an EngineConfig (sent to worker processes; the HF config is re-read from disk)."""
+    from dataclasses import asdict
+    m = cfg.model
+    return {"model": {"model": m.model, "dtype": str(m.dtype).replace("torch.", ""), "max_model_len": m.max_model_len,
+                      "tokenizer": m.tokenizer, "seed": m.seed},
+            "parallel": asdict(cfg.parallel), "cache": asdict(cfg.cache), "scheduler": asdict(cfg.scheduler),
+            "device": cfg.device}
+
+
+def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
+    m = d["model"]
+    return EngineConfig(model=ModelConfig.from_path(m["model"], m["dtype"], m["max_model_len"], m["tokenizer"],
+                                                    m["seed"]),
+                        parallel=ParallelConfig(**d["parallel"]), cache=CacheConfig(**d["cache"]),
+                        scheduler=SchedulerConfig(**d["scheduler"]), device=d["device"])

@@ -1,0 +1,399 @@
+"""The process mesh: torch.distributed start-up, one GroupCoordinator per group (world, tp, pp, dp, ep), ParallelState.
+
+Layout: world = dp x pp x tp with TP innermost, so TP peers are neighbouring ranks (same node):
+
+    global rank = dp_rank * (pp_size * tp_size) + pp_rank * tp_size + tp_rank
+
+    tp group: same (dp, pp), all tp      pp group: same (dp, tp), all pp
+    dp group: same (pp, tp), all dp      ep group: same pp, all (dp, tp)  (experts span replicas x tp)
+
+Each group has a device group (NCCL on GPU, gloo on CPU) for tensors and a CPU gloo companion
+(`cpu_group`) for metadata and objects; with gloo they are the same group. A group of one rank does
+every operation as the identity and never touches torch.distributed, so world-1 engines
+(`single_process_state`) never start a process group. The `ParallelState` is returned to the caller
+and passed explicitly; this module keeps no mesh in globals (only the timeout given at start-up).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from shardserve.distributed import codec
+
+__all__ = ["GroupCoordinator", "ParallelState", "PendingSend", "build_parallel_state", "destroy_distributed",
+           "init_distributed", "mesh_groups", "single_process_state", "wait_all"]
+
+# Newer torch renames the tensor-in/tensor-out collectives; take whichever this torch has.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+_timeout_s: float | None = None  # from init_distributed; applies to every group built afterwards
+
+
+def init_distributed(rank: int, world_size: int, init_method: str, backend: str = "gloo",
+                     timeout_s: float = 60.0) -> None:
+    """Join the default process group (e.g. init_method=`tcp_init_method(host, port)`).
+
+    `timeout_s` bounds every collective and point-to-point op on every group built from it, so a
+    dead peer surfaces as an error instead of a hang.
+    """
+    global _timeout_s
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialized; call destroy_distributed() first")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    _timeout_s = timeout_s
+
+
+def destroy_distributed() -> None:
+    """Tear down every process group of this process (safe to call when none exists)."""
+    global _timeout_s
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _timeout_s = None
+
+
+class PendingSend:
+    """A non-blocking send in flight; keeps its buffer alive until `wait()`."""
+
+    def __init__(self, work: Any, tensor: torch.Tensor):
+        self._work, self._tensor = work, tensor
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+        self._work = self._tensor = None
+
+    def is_completed(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+
+def wait_all(handles: list[PendingSend]) -> None:
+    """Wait for every handle returned by `GroupCoordinator.isend_tensor_dict`."""
+    for h in handles:
+        h.wait()
+
+
+def _bytes_of(t: torch.Tensor) -> bytes:
+    """The raw bytes of a contiguous CPU uint8 tensor."""
+    return ctypes.string_at(t.data_ptr(), t.numel()) if t.numel() else b""
+
+
+class GroupCoordinator:
+    """One process group (tp, pp, dp, ep, world) seen from this rank."""
+
+    def __init__(self, name: str, ranks: list[int], rank: int, device_group: Any = None,
+                 cpu_group: Any = None, device: torch.device | None = None):
+        self.name = name
+        self.ranks = list(ranks)  # global ranks, ordered by rank in group
+        self.rank = rank  # this process's global rank
+        self.world_size = len(self.ranks)
+        self.rank_in_group = self.ranks.index(rank)
+        self.device = device or torch.device("cpu")
+        if self.world_size > 1 and (device_group is None or cpu_group is None):
+            raise ValueError(f"group {name} of {self.world_size} ranks needs process groups")
+        self.device_group = device_group  # tensors (NCCL on GPU)
+        self.cpu_group = cpu_group  # metadata and objects (always gloo)
+
+    def __repr__(self) -> str:
+        return f"GroupCoordinator({self.name}, ranks={self.ranks}, rank_in_group={self.rank_in_group})"
+
+    @property
+    def is_first_rank(self) -> bool:
+        return self.rank_in_group == 0
+
+    @property
+    def is_last_rank(self) -> bool:
+        return self.rank_in_group == self.world_size - 1
+
+    @property
+    def next_rank(self) -> int:
+        """Rank in group of the next member, in ring order."""
+        return (self.rank_in_group + 1) % self.world_size
+
+    @property
+    def prev_rank(self) -> int:
+        """Rank in group of the previous member, in ring order."""
+        return (self.rank_in_group - 1) % self.world_size
+
+    def _global(self, rank_in_group: int, what: str) -> int:
+        if not 0 <= rank_in_group < self.world_size:
+            raise ValueError(f"{what}={rank_in_group} out of range for group {self.name} "
+                             f"of size {self.world_size}")
+        return self.ranks[rank_in_group]
+
+    def _peer(self, rank_in_group: int, what: str) -> int:
+        if rank_in_group == self.rank_in_group:
+            raise ValueError(f"{what}={rank_in_group} is this rank itself in group {self.name}")
+        return self._global(rank_in_group, what)
+
+    # --------------------------------------------------------------------------- collectives
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of `t` over the group. Reduces in place when `t` is contiguous; use the return value."""
+        if self.world_size == 1:
+            return t
+        t = t if t.is_contiguous() else t.contiguous()
+        dist.all_reduce(t, group=self.device_group)
+        return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenation of every rank's `t` along `dim`, in rank order (shapes equal across ranks)."""
+        if self.world_size == 1:
+            return t
+        if t.dim() == 0:
+            raise ValueError("all_gather needs a tensor with at least one dimension")
+        dim %= t.dim()
+        shape = tuple(t.shape)
+        flat = torch.empty((self.world_size * shape[0],) + shape[1:], dtype=t.dtype, device=t.device)
+        _all_gather_single(flat, t.contiguous(), group=self.device_group)  # [world * shape[0], ...]
+        out = flat.view((self.world_size,) + shape)  # [world, *shape]
+        out = out.movedim(0, dim)  # [*shape[:dim], world, shape[dim], *shape[dim+1:]]
+        return out.reshape(shape[:dim] + (self.world_size * shape[dim],) + shape[dim + 1 :])
+
+    def reduce_scatter(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Sum over the group, then this rank keeps chunk `rank_in_group` of the sum along `dim`."""
+        if self.world_size == 1:
+            return t
+        dim %= t.dim()
+        if t.shape[dim] % self.world_size:
+            raise ValueError(f"reduce_scatter: size {t.shape[dim]} of dim {dim} is not divisible "
+                             f"by group {self.name} size {self.world_size}")
+        inp = t.movedim(dim, 0).contiguous()  # [shape[dim], *rest]
+        out = torch.empty((inp.shape[0] // self.world_size,) + tuple(inp.shape[1:]),
+                          dtype=t.dtype, device=t.device)  # [shape[dim] / world, *rest]
+        _reduce_scatter_single(out, inp, group=self.device_group)
+        return out.movedim(0, dim).contiguous()
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite `t` on every rank with `t` of rank `src` (rank in group); returns `t`."""
+        if self.world_size == 1:
+            return t
+        buf = t if t.is_contiguous() else t.contiguous()
+        dist.broadcast(buf, src=self._global(src, "src"), group=self.device_group)
+        if buf is not t:
+            t.copy_(buf)
+        return t
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        """`obj` of rank `src` on every rank, sent msgpack-encoded (codec) over the CPU group."""
+        if self.world_size == 1:
+            return obj
+        src_global = self._global(src, "src")
+        if self.rank_in_group == src:
+            data = codec.encode(obj)
+            dist.broadcast(torch.tensor([len(data)], dtype=torch.int64), src=src_global,
+                           group=self.cpu_group)
+            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=src_global,
+                           group=self.cpu_group)
+            return obj
+        size = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(size, src=src_global, group=self.cpu_group)
+        buf = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(buf, src=src_global, group=self.cpu_group)
+        return codec.decode(_bytes_of(buf))
+
+    def barrier(self) -> None:
+        """Wait until every rank of the group gets here (over the CPU group)."""
+        if self.world_size > 1:
+            dist.barrier(group=self.cpu_group)
+
+    # --------------------------------------------------------------------------- point to point
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        """Send one tensor to rank `dst` (rank in group); the receiver must know its shape and dtype."""
+        dist.send(t.contiguous(), dst=self._peer(dst, "dst"), group=self._group_for(t))
+
+    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive into the preallocated contiguous `t` from rank `src` (rank in group); returns `t`."""
+        dist.recv(t, src=self._peer(src, "src"), group=self._group_for(t))
+        return t
+
+    def _group_for(self, t: torch.Tensor) -> Any:
+        return self.cpu_group if t.device.type == "cpu" else self.device_group
+
+    def _tensor_dict_parts(self, d: dict) -> list[tuple[torch.Tensor, Any]]:
+        """(tensor, process group) in wire order: metadata size, metadata bytes, each tensor.
+
+        Metadata is `[[key, 1, dtype, shape, on_cpu] | [key, 0, plain value], ...]`, msgpack-encoded.
+        Empty tensors travel in the metadata only.
+        """
+        meta: list[list] = []
+        tensors: list[tuple[torch.Tensor, Any]] = []
+        for key, value in d.items():
+            if isinstance(value, torch.Tensor):
+                on_cpu = value.device.type == "cpu"
+                meta.append([key, 1, value.dtype, list(value.shape), on_cpu])
+                if value.numel():
+                    tensors.append((value.detach().contiguous(), self._group_for(value)))
+            else:
+                meta.append([key, 0, value])
+        data = codec.encode(meta)
+        head = [(torch.tensor([len(data)], dtype=torch.int64), self.cpu_group),
+                (torch.frombuffer(bytearray(data), dtype=torch.uint8), self.cpu_group)]
+        return head + tensors
+
+    def send_tensor_dict(self, d: dict, dst: int) -> None:
+        """Send a dict of tensors and plain msgpack-able values to rank `dst` (rank in group)."""
+        dst_global = self._peer(dst, "dst")
+        for t, group in self._tensor_dict_parts(d):
+            dist.send(t, dst=dst_global, group=group)
+
+    def isend_tensor_dict(self, d: dict, dst: int) -> list[PendingSend]:
+        """Non-blocking `send_tensor_dict`: returns handles; `wait_all(handles)` before reusing `d`."""
+        dst_global = self._peer(dst, "dst")
+        return [PendingSend(dist.isend(t, dst=dst_global, group=group), t)
+                for t, group in self._tensor_dict_parts(d)]
+
+    def recv_tensor_dict(self, src: int) -> dict:
+        """Receive what `send_tensor_dict` / `isend_tensor_dict` sent from rank `src` (rank in group).
+
+        CPU tensors arrive on the CPU, device tensors on this group's device.
+        """
+        src_global = self._peer(src, "src")
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src=src_global, group=self.cpu_group)
+        buf = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(buf, src=src_global, group=self.cpu_group)
+        out: dict = {}
+        for entry in codec.decode(_bytes_of(buf)):
+            key, is_tensor = entry[0], entry[1]
+            if not is_tensor:
+                out[key] = entry[2]
+                continue
+            _, _, dtype, shape, on_cpu = entry
+            t = torch.empty(shape, dtype=dtype, device="cpu" if on_cpu else self.device)
+            if t.numel():
+                dist.recv(t, src=src_global, group=self._group_for(t))
+            out[key] = t
+        return out
+
+
+@dataclass
+class ParallelState:
+    """Every group this rank belongs to; built once, then passed to whoever needs it."""
+
+    world: GroupCoordinator
+    tp: GroupCoordinator
+    pp: GroupCoordinator
+    dp: GroupCoordinator
+    ep: GroupCoordinator
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.world.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.world_size
+
+    @property
+    def pp_size(self) -> int:
+        return self.pp.world_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp.world_size
+
+    @property
+    def ep_size(self) -> int:
+        return self.ep.world_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank_in_group
+
+    @property
+    def pp_rank(self) -> int:
+        return self.pp.rank_in_group
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp.rank_in_group
+
+    @property
+    def ep_rank(self) -> int:
+        return self.ep.rank_in_group
+
+
+def mesh_groups(tp_size: int, pp_size: int = 1, dp_size: int = 1) -> dict[str, list[list[int]]]:
+    """Every group's global ranks for a dp x pp x tp mesh (TP innermost), per group name."""
+    def g(d: int, p: int, t: int) -> int:
+        return d * (pp_size * tp_size) + p * tp_size + t
+
+    dps, pps, tps = range(dp_size), range(pp_size), range(tp_size)
+    return {
+        "world": [list(range(dp_size * pp_size * tp_size))],
+        "tp": [[g(d, p, t) for t in tps] for d in dps for p in pps],
+        "pp": [[g(d, p, t) for p in pps] for d in dps for t in tps],
+        "dp": [[g(d, p, t) for d in dps] for p in pps for t in tps],
+        "ep": [[g(d, p, t) for d in dps for t in tps] for p in pps],
+    }
+
+
+def build_parallel_state(tp_size: int, pp_size: int = 1, dp_size: int = 1, backend: str = "gloo",
+                         device: torch.device | None = None) -> ParallelState:
+    """Build every group of the mesh (after `init_distributed`) and return this rank's view.
+
+    Every rank creates every group in the same order, as torch.distributed.new_group requires;
+    groups with the same ranks share one process group, and one-rank groups create none.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("call init_distributed() before build_parallel_state()")
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    if tp_size * pp_size * dp_size != world_size:
+        raise ValueError(f"tp_size {tp_size} x pp_size {pp_size} x dp_size {dp_size} = "
+                         f"{tp_size * pp_size * dp_size}, but the world has {world_size} ranks; "
+                         "pick sizes whose product is the number of processes")
+    if device is None:
+        device = torch.device("cpu") if backend == "gloo" else torch.device(
+            "cuda", torch.cuda.current_device())
+    timeout = datetime.timedelta(seconds=_timeout_s) if _timeout_s is not None else None
+    default_backend = str(dist.get_backend())
+    made: dict[tuple[int, ...], tuple[Any, Any]] = {}
+
+    def process_groups(ranks: list[int]) -> tuple[Any, Any]:
+        key = tuple(ranks)
+        if len(ranks) > 1 and key not in made:
+            if len(ranks) == world_size and default_backend == backend:
+                device_pg = dist.group.WORLD
+            else:
+                device_pg = dist.new_group(ranks, timeout=timeout, backend=backend)
+            if backend == "gloo":
+                cpu_pg = device_pg
+            elif len(ranks) == world_size and default_backend == "gloo":
+                cpu_pg = dist.group.WORLD
+            else:
+                cpu_pg = dist.new_group(ranks, timeout=timeout, backend="gloo")
+            made[key] = (device_pg, cpu_pg)
+        return made.get(key, (None, None))
+
+    mine: dict[str, GroupCoordinator] = {}
+    for name, rank_lists in mesh_groups(tp_size, pp_size, dp_size).items():
+        for ranks in rank_lists:
+            device_pg, cpu_pg = process_groups(ranks)  # collective: every rank, every group
+            if rank in ranks:
+                mine[name] = GroupCoordinator(name, ranks, rank, device_pg, cpu_pg, device)
+    return ParallelState(**mine)
+
+
+def single_process_state(device: torch.device = torch.device("cpu")) -> ParallelState:
+    """World 1: every group is this process alone; torch.distributed is never touched."""
+    groups = {n: GroupCoordinator(n, [0], 0, device=device) for n in ("world", "tp", "pp", "dp", "ep")}
+    return ParallelState(**groups)

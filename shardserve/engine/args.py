@@ -1,0 +1,103 @@
+"""EngineArgs: the user-facing knobs (CLI flags and LLM(...) keywords) turned into a validated EngineConfig."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from shardserve.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+                               resolve_device)
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    block_size: int = 16
+    kv_cache_memory: str | int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    enable_chunked_prefill: bool = True
+    collective_timeout_s: float = 60.0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineArgs":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+    def resolve_model(self, progress: bool = True) -> str:
+        if self.model:
+            return self.model
+        from shardserve.models.tiny import ensure_default_model
+        return str(ensure_default_model(progress=progress))
+
+    def create_config(self, progress: bool = True) -> EngineConfig:
+        model = ModelConfig.from_path(self.resolve_model(progress), self.dtype, self.max_model_len,
+                                      self.tokenizer, self.seed)
+        return EngineConfig(
+            model=model,
+            parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
+                                    self.distributed_executor_backend, self.collective_timeout_s),
+            cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
+                              self.enable_prefix_caching, self.num_gpu_blocks_override),
+            scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.enable_chunked_prefill),
+            device=resolve_device(self.device))
+
+    @staticmethod
+    def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        g = p.add_argument_group("model")
+        g.add_argument("--model", default=None,
+                       help="Hugging Face model directory (config.json + *.safetensors + tokenizer). Default: the "
+                            "built-in tiny Llama with RANDOM weights, written once under ~/.cache/shardserve")
+        g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+        g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weight and activation dtype; auto = the checkpoint's torch_dtype")
+        g.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
+        g.add_argument("--max-model-len", type=int, default=None,
+                       help="longest prompt + output served (default and maximum: max_position_embeddings)")
+        g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and model init")
+        g = p.add_argument_group("parallelism")
+        g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                       help="split every weight matrix over N ranks (attention heads must divide by N)")
+        g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1,
+                       help="split the layers into N pipeline stages")
+        g.add_argument("-dp", "--data-parallel-size", type=int, default=1,
+                       help="run N independent engine replicas behind a load-aware router")
+        g.add_argument("--distributed-executor-backend", choices=["uni", "mp"], default=None,
+                       help="uni: one rank in this process; mp: one process per rank (default for tp×pp > 1)")
+        g.add_argument("--collective-timeout-s", type=float, default=60.0,
+                       help="seconds before a stuck collective or a dead rank fails the step")
+        g = p.add_argument_group("KV cache")
+        g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+        g.add_argument("--kv-cache-memory", default=None,
+                       help="KV-cache bytes per rank on CPU, e.g. 2GiB or 512MiB (default 1GiB)")
+        g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="GPU: fraction of device memory for weights + activations + KV cache")
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse KV blocks of identical prompt prefixes across requests")
+        g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                       help="force the number of KV blocks (testing)")
+        g = p.add_argument_group("scheduler")
+        g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="token budget of one step (prefill chunks + decodes)")
+        g.add_argument("--max-num-seqs", type=int, default=128, help="most sequences running at once")
+        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                       help="split long prompts over several steps, mixed with decodes")
+        return p

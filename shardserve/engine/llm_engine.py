@@ -1,0 +1,238 @@
+"""The synchronous engine core: requests in, scheduled steps through the executor, detokenized outputs back."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardserve.config import ConfigError, EngineConfig
+from shardserve.engine.detokenizer import IncrementalDetokenizer
+from shardserve.engine.scheduler import Scheduler
+from shardserve.engine.sequence import ModelRunnerOutput, SchedulerOutput, Sequence
+from shardserve.executor.base import ExecutorError, make_executor
+from shardserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from shardserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_token_ids(model_dir: str, hf_config: dict[str, Any], tokenizer) -> list[int]:
+    """EOS ids from generation_config.json, else config.json, else the tokenizer."""
+    gen = Path(model_dir) / "generation_config.json"
+    for source in ([json.loads(gen.read_text())] if gen.is_file() else []) + [hf_config]:
+        eos = source.get("eos_token_id")
+        if eos is not None:
+            return list(eos) if isinstance(eos, list) else [int(eos)]
+    return [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
+
+
+class EngineDeadError(RuntimeError):
+    """The engine lost a rank; it serves nothing more (a DP router restarts the replica)."""
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict | None] | None = None
+    sent_tokens: list[int] = field(default_factory=list)  # per seq: tokens already reported (for deltas)
+    pending_text: list[str] = field(default_factory=list)  # per seq: text not yet reported
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer)
+        self.eos_token_ids = eos_token_ids(cfg.model.model, cfg.model.hf_config, self.tokenizer)
+        self.executor = make_executor(cfg, self.eos_token_ids, progress)
+        num_blocks = self.executor.num_blocks
+        capacity = num_blocks * cfg.cache.block_size
+        if capacity < cfg.model.max_model_len:
+            per_block = self.executor.block_bytes
+            need = f" to at least {per_block * -(-cfg.model.max_model_len // cfg.cache.block_size) / 2**20:.1f}MiB"
+            self.executor.shutdown()
+            raise ConfigError(f"the KV cache holds {capacity} tokens ({num_blocks} blocks), fewer than one sequence "
+                              f"of --max-model-len {cfg.model.max_model_len}; raise --kv-cache-memory{need} "
+                              f"(or --gpu-memory-utilization) or lower --max-model-len to {capacity} or less")
+        self.scheduler = Scheduler(cfg.scheduler, cfg.cache, num_blocks)
+        self.requests: dict[str, _Request] = {}
+        self.seqs: dict[int, Sequence] = {}
+        self._seq_ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.dead: str | None = None  # set when a rank died: every request then fails with this message
+        logger.info("engine ready: %d KV blocks of %d tokens", num_blocks, cfg.cache.block_size)
+
+    # --- requests ------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("either prompt or prompt_token_ids is required")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt_token_ids]
+        self._validate_prompt(ids)
+        max_len = self.cfg.model.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - len(ids)
+        if len(ids) + max_tokens > max_len:
+            raise ValueError(f"this model's maximum context length is {max_len} tokens; the prompt has {len(ids)} "
+                             f"and max_tokens is {max_tokens} ({len(ids) + max_tokens} in all); lower max_tokens "
+                             f"to {max_len - len(ids)} or shorten the prompt")
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        seqs, detoks = [], []
+        for i in range(params.n):
+            p = params.clone()
+            if p.seed is not None and i:
+                p.seed = params.seed + i  # n samples from one seed must differ
+            seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, index=i, prompt_token_ids=ids,
+                           params=p, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids, arrival_time=now)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.stop,
+                                                 p.include_stop_str_in_output, p.spaces_between_special_tokens))
+        req = _Request(request_id, prompt, ids, seqs, detoks, RequestMetrics(arrival_time=now),
+                       sent_tokens=[0] * len(seqs), pending_text=[""] * len(seqs))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = []
+        self.requests[request_id] = req
+        for seq in seqs:
+            self.seqs[seq.seq_id] = seq
+            self.scheduler.add(seq)
+        self.stats["prompt_tokens"] += len(ids)
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty; send at least one token")
+        vocab = self.cfg.model.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+        if len(ids) >= self.cfg.model.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this model's maximum context length is "
+                             f"{self.cfg.model.max_model_len}, and at least one token must be generated")
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.abort(req.seqs)
+        for seq in req.seqs:
+            self.seqs.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.executor.num_blocks
+
+    # --- stepping ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule one batch, run it, and return an output for every request that advanced."""
+        sched_out = self.scheduler.schedule()
+        if not sched_out.seqs:
+            return []
+        try:
+            result = self.executor.execute_model(sched_out)
+        except ExecutorError as e:
+            return self.fail_all(str(e))
+        return self.process_result(sched_out, result)
+
+    def fail_all(self, reason: str) -> list[RequestOutput]:
+        """A rank died: finish every request with an error (never leave a caller waiting)."""
+        self.dead = reason
+        logger.error("engine failed: %s", reason)
+        outs = []
+        for req in list(self.requests.values()):
+            for seq in req.seqs:
+                self.scheduler.finish(seq, "error")
+            out = self._make_output(req)
+            out.error = f"engine failure: {reason}"
+            outs.append(out)
+        return outs
+
+    def process_result(self, sched_out: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+        self.scheduler.on_step_done(sched_out, self.seqs)
+        self.stats["steps"] += 1
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        for seq_id, entries in result.prompt_logprobs.items():
+            seq = self.seqs.get(seq_id)
+            req = self.requests.get(seq.request_id) if seq is not None else None
+            if req is not None and req.prompt_logprobs is not None and seq.index == 0 \
+                    and len(req.prompt_logprobs) < len(req.prompt_token_ids):
+                req.prompt_logprobs.extend(entries)
+        for i, (seq_id, token) in enumerate(zip(result.seq_ids, result.token_ids)):
+            seq = self.seqs.get(seq_id)
+            if seq is None or seq.is_finished:
+                continue  # aborted while the step ran
+            req = self.requests[seq.request_id]
+            seq.token_ids.append(token)
+            if result.logprobs and result.logprobs[i] is not None:
+                seq.logprobs.append(result.logprobs[i])
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                if req.metrics.first_token_time is None:
+                    req.metrics.first_token_time = now
+            seq.last_token_time = now
+            self.stats["generation_tokens"] += 1
+            req.pending_text[seq.index] += req.detoks[seq.index].add_tokens([token])
+            self._check_stop(seq, req.detoks[seq.index], token)
+            touched[req.request_id] = req
+        return [self._make_output(req) for req in touched.values()]
+
+    def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer, token: int) -> None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in seq.eos_token_ids:
+                return self.scheduler.finish(seq, "stop")
+            if token in (p.stop_token_ids or []):
+                return self.scheduler.finish(seq, "stop", token)
+            if detok.stop_reason is not None:
+                return self.scheduler.finish(seq, "stop", detok.stop_reason)
+        if n_out >= seq.max_tokens or seq.num_tokens >= self.cfg.model.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for seq, detok in zip(req.seqs, req.detoks):
+            new_tokens = seq.output_token_ids[req.sent_tokens[seq.index]:]
+            delta_text, req.pending_text[seq.index] = req.pending_text[seq.index], ""
+            if seq.is_finished and detok.stop_reason is None:
+                delta_text += detok.flush()  # release text held back for a possible stop string
+            outs.append(CompletionOutput(
+                index=seq.index, text=detok.output_text, token_ids=list(seq.output_token_ids),
+                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, text_delta=delta_text,
+                token_ids_delta=new_tokens,
+                logprobs_delta=seq.logprobs[req.sent_tokens[seq.index]:] if seq.params.logprobs is not None else []))
+            req.sent_tokens[seq.index] = seq.num_output_tokens
+        finished = all(s.is_finished for s in req.seqs)
+        if finished:
+            req.metrics.finished_time = time.monotonic()
+            req.metrics.num_preemptions = sum(s.num_preemptions for s in req.seqs)
+            self.requests.pop(req.request_id, None)
+            for seq in req.seqs:
+                self.seqs.pop(seq.seq_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished,
+                             prompt_logprobs=req.prompt_logprobs, metrics=req.metrics)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

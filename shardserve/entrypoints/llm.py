@@ -1,0 +1,96 @@
+"""The offline API: LLM(model=...).generate(prompts, SamplingParams(...)) and .chat(messages)."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence as Seq
+
+from tqdm import tqdm
+
+from shardserve.engine.args import EngineArgs
+from shardserve.engine.llm_engine import LLMEngine
+from shardserve.outputs import RequestOutput
+from shardserve.sampling_params import SamplingParams
+
+
+class LLM:
+    """Generate from a batch of prompts with continuous batching.
+
+    >>> llm = LLM()                       # the built-in tiny model (random weights)
+    >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        use_tqdm = kwargs.pop("use_tqdm_on_load", True)
+        self.args = EngineArgs.from_kwargs(model=model, **kwargs)
+        if self.args.data_parallel_size > 1:
+            from shardserve.entrypoints.dp_offline import DataParallelEngines
+            self.engine: Any = DataParallelEngines(self.args, progress=use_tqdm)
+        else:
+            self.engine = LLMEngine(self.args.create_config(progress=use_tqdm), progress=use_tqdm)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | Seq[str] | None = None,
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 prompt_token_ids: Seq[Seq[int]] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in input order."""
+        if prompts is None and prompt_token_ids is None:
+            raise ValueError("pass prompts (strings) or prompt_token_ids (lists of token ids)")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if prompt_token_ids is not None and prompt_token_ids and isinstance(prompt_token_ids[0], int):
+            prompt_token_ids = [prompt_token_ids]  # type: ignore[list-item]
+        n = len(prompts) if prompts is not None else len(prompt_token_ids)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * n if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        ids = []
+        for i in range(n):
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, prompts[i] if prompts is not None else None, params[i],
+                                    prompt_token_ids=list(prompt_token_ids[i]) if prompt_token_ids is not None
+                                    else None)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, chat_template: str | None = None) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (or a list of them) and generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.get_tokenizer()
+        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           chat_template=chat_template) for c in convs]
+        ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        outs = self.generate(prompt_token_ids=ids, sampling_params=sampling_params, use_tqdm=use_tqdm)
+        for o, p in zip(outs, prompts):
+            o.prompt = p
+        return outs
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm or len(ids) < 2)
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.error:
+                        raise RuntimeError(out.error)
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,131 @@
+"""One process per rank on this host: steps are broadcast over a shared-memory ring (msgpack), the driver rank
+(last stage, first TP rank) returns sampled tokens on a second ring, and a dead rank fails the step within
+seconds instead of hanging."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+
+from shardserve.config import EngineConfig, engine_config_to_dict
+from shardserve.distributed.message_queue import MessageQueue
+from shardserve.distributed.pipeline import even_partition, layer_ranges
+from shardserve.engine.sequence import ModelRunnerOutput, SchedulerOutput
+from shardserve.executor.base import Executor, ExecutorError
+from shardserve.utils.network import get_free_port, get_loopback_ip, tcp_init_method
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.05          # how often a waiting engine checks that every rank is alive
+STARTUP_TIMEOUT_S = 300.0
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, cfg: EngineConfig, eos_token_ids: list[int], progress: bool = False,
+                 layer_counts: list[int] | None = None) -> None:
+        super().__init__(cfg, eos_token_ids, progress)
+        par = cfg.parallel
+        self.world_size = par.world_size
+        tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
+        self.layer_ranges = layer_ranges(layer_counts or even_partition(cfg.model.num_layers, pp))
+        self.driver_rank = (pp - 1) * tp  # last stage, tp rank 0
+        self.requests = MessageQueue.create(n_readers=self.world_size)
+        self.results = MessageQueue.create(n_readers=1, reader_index=0)
+        self._pending: deque[int] = deque()
+        self._dead: str | None = None
+        init_method = tcp_init_method(get_loopback_ip(), get_free_port())
+        threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        self.procs: list[subprocess.Popen] = []
+        for rank in range(self.world_size):
+            spec = {"rank": rank, "world_size": self.world_size, "init_method": init_method,
+                    "config": engine_config_to_dict(cfg), "requests": self.requests.handle(),
+                    "results": self.results.handle(), "results_rank": self.driver_rank,
+                    "layer_ranges": self.layer_ranges, "eos_token_ids": eos_token_ids, "threads": threads}
+            env = dict(os.environ, SHARDSERVE_WORKER_SPEC=json.dumps(spec), SHARDSERVE_RANK=str(rank),
+                       OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "shardserve.worker.main"], env=env))
+        try:
+            ready = self._receive(STARTUP_TIMEOUT_S, what="start-up")
+        except Exception:
+            self.shutdown()
+            raise
+        self.num_blocks = ready["num_blocks"]
+        self.block_bytes = ready["block_bytes"]
+        self.bytes_read_per_rank: list[int] = ready["bytes_read"]
+        self.load_ms_per_rank: list[int] = ready["load_ms"]
+
+    # --- steps -------------------------------------------------------------------------------------------
+    @property
+    def max_in_flight(self) -> int:
+        return self.cfg.parallel.pipeline_parallel_size
+
+    def submit(self, out: SchedulerOutput) -> None:
+        self._check_alive()
+        self.requests.enqueue({"type": "step", "out": out.to_dict()})
+        self._pending.append(out.step_id)
+
+    def collect(self) -> ModelRunnerOutput:
+        self._pending.popleft()
+        msg = self._receive(None, what="a step")
+        return ModelRunnerOutput.from_dict(msg["result"])
+
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self.submit(out)
+        return self.collect()
+
+    def _receive(self, timeout: float | None, what: str) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                msg = self.results.dequeue(timeout=POLL_S)
+            except TimeoutError:
+                self._check_alive()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ExecutorError(f"workers did not finish {what} within {timeout:.0f} s")
+                continue
+            if "error" in msg:
+                self._dead = "a worker raised:\n" + msg["error"]
+                raise ExecutorError(self._dead)
+            return msg
+
+    def _check_alive(self) -> None:
+        if self._dead:
+            raise ExecutorError(self._dead)
+        for rank, p in enumerate(self.procs):
+            code = p.poll()
+            if code is not None:
+                self._dead = f"worker rank {rank} (pid {p.pid}) exited with code {code}"
+                raise ExecutorError(self._dead)
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def shutdown(self) -> None:
+        if not self.procs:
+            return
+        try:
+            if self._dead is None:
+                self.requests.enqueue({"type": "shutdown"}, timeout=1.0)
+        except Exception:
+            pass
+        deadline = time.monotonic() + 5.0
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+        self.requests.stop()
+        self.requests.close()
+        self.results.close()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,35 @@
+"""The attention backend interface and the per-step metadata (slot mapping, block tables, lengths)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one step's flattened batch: decode sequences first (one query token each), then prefills.
+
+    slot_mapping[t] is the KV-cache slot (block * block_size + offset) where token t's K/V are written.
+    """
+    slot_mapping: torch.Tensor        # [tokens] int64
+    block_tables: torch.Tensor        # [seqs, max_blocks] int64, padded with 0
+    seq_lens: list[int]               # context length of each seq after this step
+    query_lens: list[int]             # tokens computed this step per seq
+    seq_lens_tensor: torch.Tensor     # [seqs] int64
+    num_decodes: int                  # the first num_decodes seqs have query_len == 1
+    block_size: int
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+
+class AttentionBackend:
+    """Writes this step's K/V into the paged cache and computes attention over each sequence's context."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+        """q [tokens, heads, dim], k/v [tokens, kv_heads, dim], kv_cache [2, blocks, block_size, kv_heads, dim]
+        → [tokens, heads * dim]."""
+        raise NotImplementedError

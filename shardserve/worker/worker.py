@@ -1,0 +1,125 @@
+"""One rank: its device, its shard of the model, its KV cache, and the step loop body (recv → forward → send/sample)."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from shardserve.config import EngineConfig
+from shardserve.engine.sequence import ModelRunnerOutput, SchedulerOutput
+from shardserve.layers.attention import get_attention_backend
+from shardserve.models.base import ModelShard
+from shardserve.models.loader import load_model
+from shardserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # per rank, when --kv-cache-memory is not given
+
+
+class Worker:
+    def __init__(self, cfg: EngineConfig, pstate: Any, layer_range: tuple[int, int], eos_token_ids: list[int],
+                 progress: bool = False) -> None:
+        self.cfg = cfg
+        self.pstate = pstate
+        self.device = cfg.device
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(self.device))
+        torch.manual_seed(cfg.model.seed)
+        pp = pstate.pp
+        self.shard = ModelShard(tp=pstate.tp if pstate.tp.world_size > 1 else None,
+                                start_layer=layer_range[0], end_layer=layer_range[1],
+                                is_first_stage=pp.is_first_rank, is_last_stage=pp.is_last_rank)
+        self.is_driver = pp.is_last_rank and pstate.tp.rank_in_group == 0  # returns sampled tokens
+        t0 = time.perf_counter()
+        self.model, self.read_counter = load_model(cfg.model, self.shard, get_attention_backend(self.device),
+                                                   self.device, progress=progress)
+        self.load_time_s = time.perf_counter() - t0
+        self.runner: ModelRunner | None = None
+        self.eos_token_ids = eos_token_ids
+        self.stage_timings = {"compute_s": 0.0, "send_s": 0.0, "recv_s": 0.0}
+
+    # --- KV cache ----------------------------------------------------------------------------------------------
+    def kv_block_bytes(self) -> int:
+        m = self.cfg.model
+        per_token = m.kv_bytes_per_token(self.pstate.tp.world_size, self.shard.num_local_layers)
+        return per_token * self.cfg.cache.block_size
+
+    def determine_num_blocks(self) -> int:
+        cache = self.cfg.cache
+        if cache.num_gpu_blocks_override:
+            return cache.num_gpu_blocks_override
+        if self.device.startswith("cuda"):
+            budget = self._profile_gpu_budget()
+        else:
+            budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+        return max(0, budget // max(1, self.kv_block_bytes()))
+
+    def _profile_gpu_budget(self) -> int:
+        """Free device memory for the KV cache after a dummy forward of the largest batch."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(self.cfg.scheduler.max_num_batched_tokens, self.cfg.model.max_model_len)
+        self._dummy_forward(n)
+        torch.cuda.synchronize()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        peak = torch.cuda.max_memory_allocated()
+        return int(total * self.cfg.cache.gpu_memory_utilization - peak)
+
+    def _dummy_forward(self, num_tokens: int) -> None:
+        bs = self.cfg.cache.block_size
+        nblocks = (num_tokens + bs - 1) // bs
+        caches = self._allocate(nblocks)
+        from shardserve.engine.sequence import ScheduledSeq
+        runner = ModelRunner(self.model, caches, bs, self.device, [], self.cfg.model.vocab_size)
+        item = ScheduledSeq(seq_id=-1, token_ids=[0] * num_tokens, start_pos=0, block_table=list(range(nblocks)),
+                            do_sample=False)
+        inputs = runner.prepare_inputs(SchedulerOutput(seqs=[item], finished_seq_ids=[]))
+        intermediate = None
+        if not self.shard.is_first_stage:
+            h = torch.zeros(num_tokens, self.cfg.model.hidden_size, dtype=self.cfg.model.dtype, device=self.device)
+            intermediate = {"hidden_states": h, "residual": h.clone()}
+        runner.forward(inputs, intermediate)
+        del caches, runner
+
+    def _allocate(self, num_blocks: int) -> list[torch.Tensor]:
+        m = self.cfg.model
+        kv_heads = max(1, m.num_kv_heads // self.pstate.tp.world_size)
+        shape = (2, num_blocks, self.cfg.cache.block_size, kv_heads, m.head_dim)
+        return [torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(self.shard.num_local_layers)]
+
+    def init_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.runner = ModelRunner(self.model, self._allocate(num_blocks), self.cfg.cache.block_size, self.device,
+                                  self.eos_token_ids, self.cfg.model.vocab_size, self.shard.is_last_stage,
+                                  seed=self.cfg.model.seed)
+
+    # --- a step ------------------------------------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run this rank's part of one step. Pipeline stages exchange hidden states over the pp group."""
+        runner = self.runner
+        assert runner is not None, "init_cache first"
+        runner.update_states(out)
+        inputs = runner.prepare_inputs(out)
+        pp = self.pstate.pp
+        intermediate = None
+        if not self.shard.is_first_stage:
+            t0 = time.perf_counter()
+            intermediate = pp.recv_tensor_dict(pp.rank_in_group - 1)
+            self.stage_timings["recv_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hidden = runner.forward(inputs, intermediate)
+        self.stage_timings["compute_s"] += time.perf_counter() - t0
+        if not self.shard.is_last_stage:
+            t0 = time.perf_counter()
+            pp.send_tensor_dict(hidden, pp.rank_in_group + 1)
+            self.stage_timings["send_s"] += time.perf_counter() - t0
+            return None
+        # every TP rank of the last stage joins the LM head's all-gather (and samples identically); one returns
+        result = runner.sample(inputs, hidden, out.step_id)
+        if not self.is_driver:
+            return None
+        result.timings.update(self.stage_timings)
+        return result

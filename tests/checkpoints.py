@@ -1,0 +1,97 @@
+"""Random-weight Hugging Face checkpoints built with `transformers` itself (fixed seed, save_pretrained), plus the
+reference greedy generations the parity tests compare against. Nothing is downloaded."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, rms_norm_eps=1e-5)
+
+# name -> (model_type, overrides). Awkward shapes on purpose: vocab not divisible by tp (1000 / 4 ranks pads),
+# 2 KV heads (replicated at tp = 4), tied embeddings, Qwen2 q/k/v biases, Qwen3 explicit head_dim + q/k norm.
+ARCHS: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "llama3": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                         "vocab_size": 1013}),
+    "mistral": ("mistral", {"sliding_window": 24}),
+    "qwen2": ("qwen2", {"vocab_size": 999}),
+    "qwen3": ("qwen3", {"head_dim": 32}),
+    "tied": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+}
+
+
+def tokenizer_dir(root: Path) -> Path:
+    """The built-in tokenizer files (vocab 8192 > the checkpoints' vocab, so every id decodes)."""
+    from shardserve.models.tiny import write_tiny_tokenizer as write_tokenizer
+    out = root / "_tokenizer"
+    if not (out / "tokenizer.json").exists():
+        write_tokenizer(out)
+    return out
+
+
+def build_checkpoint(root: Path, name: str, seed: int = 0) -> Path:
+    """Write `transformers` model `name` with seeded random weights to root/name (once)."""
+    out = root / name
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model_type, overrides = ARCHS[name]
+    kw = {**BASE, **overrides}
+    cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # default init leaves norms at 1 and biases at 0: randomise them so they matter
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight") or n.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    tok = tokenizer_dir(root)
+    for f in tok.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta.get("tie_word_embeddings", False) == kw.get("tie_word_embeddings", False)
+    return out
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers greedy generation, one prompt at a time (no padding), eos ignored."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p])
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                               min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+            outs.append(g[0, len(p):].tolist())
+    return outs
+
+
+def hf_last_logits(model_dir: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [model(torch.tensor([p])).logits[0, -1].float() for p in prompts]
+
+
+def prompts_for(vocab: int, lengths=(1, 5, 17, 40), seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_top_logprobs_close(entry: dict, ref_logits: torch.Tensor, tol: float = 1e-4) -> None:
+    """The engine's top-k logprobs equal the reference log-softmax at those ids, and they are the top k (ties
+    within tol may swap places, so the check is on values, not on the order of near-equal ids)."""
+    ref_lp = torch.log_softmax(ref_logits.float(), -1)
+    ids = entry["top_token_ids"]
+    got = torch.tensor(entry["top_logprobs"])
+    assert (got - ref_lp[ids]).abs().max().item() < tol
+    kth = torch.topk(ref_lp, len(ids)).values[-1]
+    assert got.min().item() >= kth.item() - tol
+    assert abs(entry["logprob"] - ref_lp[entry["token_id"]].item()) < tol
