@@ -138,6 +138,16 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def get_stats(self) -> dict[str, float]:
+        """Point-in-time engine state and cumulative counters (for metrics and the periodic stats log)."""
+        sch, bm = self.scheduler, self.scheduler.block_manager
+        return {"num_requests_running": len(sch.running), "num_requests_waiting": len(sch.waiting),
+                "kv_cache_usage_perc": bm.usage, "num_preemptions": sch.num_preemptions,
+                "prompt_tokens": self.stats["prompt_tokens"], "generation_tokens": self.stats["generation_tokens"],
+                "steps": self.stats["steps"], "prefix_cache_queries": bm.prefix_cache_queries,
+                "prefix_cache_hits": bm.prefix_cache_hits, "num_blocks": bm.num_total_blocks,
+                **{f"executor_{k}": v for k, v in self.executor.stats().items()}}
+
     @property
     def num_blocks(self) -> int:
         return self.executor.num_blocks

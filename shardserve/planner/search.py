@@ -149,7 +149,7 @@ def enumerate_shapes(spec: ModelSpec, cluster: Cluster) -> tuple[list[Shape], li
 
 @dataclass
 class _Stages:
-    """Per-stage memory facts of one shape, worst stage first where it matters."""
+    """Per-stage memory facts of one shape (index = pipeline stage)."""
 
     weights: list[float]
     activations: list[float]

@@ -70,6 +70,7 @@ def test_llama2_70b_fp16_weights_are_138_gb() -> None:
     assert w.total / 1e9 == pytest.approx(137.95, abs=0.01)
 
 
+@pytest.mark.xdist_group("planner-transformers")  # one worker pays the transformers import
 def test_counts_equal_transformers_on_meta_models() -> None:
     """Build every preset with transformers on the meta device (no memory) and compare exactly."""
     torch = pytest.importorskip("torch")
@@ -82,6 +83,7 @@ def test_counts_equal_transformers_on_meta_models() -> None:
         assert total_params(spec_of(name)) == expected, name
 
 
+@pytest.mark.xdist_group("planner-transformers")
 @pytest.mark.parametrize("overrides", [
     {"model_type": "llama", "attention_bias": True, "mlp_bias": True},
     {"model_type": "qwen3", "attention_bias": True, "head_dim": 96, "tie_word_embeddings": True},
