@@ -125,11 +125,27 @@ class ParallelConfig:
     data_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # "uni" | "mp"; None = uni for world 1, else mp
     collective_timeout_s: float = 60.0
+    enable_expert_parallel: bool = False  # MoE: whole experts per rank (ep size = tp size) instead of TP slices
+    expert_placement: str = "linear"      # "linear" | "round_robin"
+    pp_partition: str = "even"            # "even" | "auto" | a device map (inline JSON or a JSON file)
+    pp_layer_partition: str | None = None  # explicit layers per stage, e.g. "10,12,10"
+    max_per_device_memory: float | None = None  # auto partition cap: a fraction of device memory, or bytes
+    max_micro_batches: int | None = None  # batches in flight (default: pp size)
+    trace_file: str | None = None         # write a Chrome trace of every rank's compute/send/recv spans
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.max_per_device_memory, str):
+            text = self.max_per_device_memory.strip()
+            self.max_per_device_memory = float(text) if re.fullmatch(r"[0-9.]+", text) and float(text) <= 1 \
+                else float(parse_size(text))
+        if self.max_micro_batches is not None and self.max_micro_batches < 1:
+            raise ConfigError(f"--max-micro-batches must be >= 1, got {self.max_micro_batches}")
+        if self.expert_placement not in ("linear", "round_robin"):
+            raise ConfigError(f"--expert-placement {self.expert_placement!r} is not supported; "
+                              "use 'linear' or 'round_robin'")
         if self.distributed_executor_backend not in (None, "uni", "mp"):
             raise ConfigError(f"--distributed-executor-backend {self.distributed_executor_backend!r} is not "
                               "supported; use 'uni' (world size 1) or 'mp' (one process per rank)")
@@ -210,6 +226,14 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, device: str) -> Non
     if pp > model.num_layers:
         raise ConfigError(f"--pipeline-parallel-size {pp} exceeds the model's {model.num_layers} layers; "
                           f"use at most {model.num_layers}")
+    experts = model.hf_config.get("num_local_experts") or model.hf_config.get("num_experts")
+    if par.enable_expert_parallel:
+        if not experts:
+            raise ConfigError("--enable-expert-parallel needs a mixture-of-experts model; this one has no experts")
+        if experts % tp:
+            ok = [d for d in range(1, experts + 1) if experts % d == 0 and heads % d == 0]
+            raise ConfigError(f"--enable-expert-parallel with -tp {tp}: {experts} experts are not divisible by the "
+                              f"expert-parallel size {tp}; valid sizes: {', '.join(map(str, ok))}")
     world = tp * pp
     if device.startswith("cuda"):
         n = torch.cuda.device_count()

@@ -95,3 +95,50 @@ def assert_top_logprobs_close(entry: dict, ref_logits: torch.Tensor, tol: float 
     kth = torch.topk(ref_lp, len(ids)).values[-1]
     assert got.min().item() >= kth.item() - tol
     assert abs(entry["logprob"] - ref_lp[entry["token_id"]].item()) < tol
+
+
+# Mixture-of-experts checkpoints: name -> (model_type, overrides on BASE). Expert counts divisible by 4 (ep = 4),
+# Mixtral with 4 experts (one per rank at ep = 4) and a sliding window; Qwen2-MoE with a gated shared expert, q/k/v
+# bias and dense layers from decoder_sparse_step = 2; Qwen3-MoE with norm_topk_prob, q/k norm and mlp_only_layers.
+MOE_ARCHS: dict[str, tuple[str, dict]] = {
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "num_hidden_layers": 2,
+                            "sliding_window": 24, "vocab_size": 999}),
+    "qwen2_moe": ("qwen2_moe", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "shared_expert_intermediate_size": 96, "decoder_sparse_step": 2,
+                                "norm_topk_prob": False}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "head_dim": 32, "norm_topk_prob": True, "mlp_only_layers": [1],
+                                "num_hidden_layers": 3, "vocab_size": 1013}),
+}
+
+
+def build_moe_checkpoint(root: Path, name: str, seed: int = 0) -> Path:
+    """Write `transformers` MoE model `name` (MOE_ARCHS) with seeded random weights to root/name (once).
+
+    Experts and routers get larger weights than the default init (std 0.02), so that the MoE output dominates the
+    residual stream and routing has clear margins: a wrong expert, slice or routing weight changes the tokens."""
+    out = root / name
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model_type, overrides = MOE_ARCHS[name]
+    cfg = AutoConfig.for_model(model_type, **{**BASE, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight") or n.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif ".experts." in n or ".shared_expert." in n:
+                p.normal_(0.0, 0.1)
+            elif n.endswith("mlp.gate.weight") or n.endswith("shared_expert_gate.weight"):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(out)
+    for f in tokenizer_dir(root).iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def moe_vocab(name: str) -> int:
+    return MOE_ARCHS[name][1].get("vocab_size", BASE["vocab_size"])

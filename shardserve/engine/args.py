@@ -29,6 +29,13 @@ class EngineArgs:
     max_num_seqs: int = 128
     enable_chunked_prefill: bool = True
     collective_timeout_s: float = 60.0
+    enable_expert_parallel: bool = False
+    expert_placement: str = "linear"
+    pp_partition: str = "even"
+    pp_layer_partition: str | None = None
+    max_per_device_memory: str | float | None = None
+    max_micro_batches: int | None = None
+    trace_file: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineArgs":
@@ -54,7 +61,10 @@ class EngineArgs:
         return EngineConfig(
             model=model,
             parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
-                                    self.distributed_executor_backend, self.collective_timeout_s),
+                                    self.distributed_executor_backend, self.collective_timeout_s,
+                                    self.enable_expert_parallel, self.expert_placement, self.pp_partition,
+                                    self.pp_layer_partition, self.max_per_device_memory, self.max_micro_batches,
+                                    self.trace_file),
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.enable_chunked_prefill),
@@ -82,6 +92,23 @@ class EngineArgs:
                        help="run N independent engine replicas behind a load-aware router")
         g.add_argument("--distributed-executor-backend", choices=["uni", "mp"], default=None,
                        help="uni: one rank in this process; mp: one process per rank (default for tp×pp > 1)")
+        g.add_argument("-ep", "--enable-expert-parallel", action="store_true",
+                       help="MoE models: each rank holds num_experts / tp whole experts (tokens are dispatched to "
+                            "their experts' ranks) instead of a tensor-parallel slice of every expert")
+        g.add_argument("--expert-placement", choices=["linear", "round_robin"], default="linear",
+                       help="with -ep: rank r owns experts [r*E/ep, (r+1)*E/ep) (linear) or r, r+ep, ... (round_robin)")
+        g.add_argument("--pp-partition", default="even",
+                       help="how layers are split over pipeline stages: even (leftovers to middle stages), auto "
+                            "(balance compute under --max-per-device-memory), or a device map as inline JSON or a "
+                            'JSON file, e.g. \'{"model.embed_tokens": 0, "model.layers.0-3": 1, "lm_head": 1}\'')
+        g.add_argument("--pp-layer-partition", default=None,
+                       help="explicit decoder layers per stage, e.g. 10,12,10 (must sum to the model's layers)")
+        g.add_argument("--max-per-device-memory", default=None,
+                       help="cap for --pp-partition auto: a fraction of device memory (0.8) or bytes (20GiB)")
+        g.add_argument("--max-micro-batches", type=int, default=None,
+                       help="batches in flight through the pipeline (default: the pipeline size)")
+        g.add_argument("--trace-file", default=None,
+                       help="write a Chrome trace (open in Perfetto) of every rank's compute/send/recv spans")
         g.add_argument("--collective-timeout-s", type=float, default=60.0,
                        help="seconds before a stuck collective or a dead rank fails the step")
         g = p.add_argument_group("KV cache")

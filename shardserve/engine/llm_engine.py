@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import json
 import logging
 import time
@@ -71,7 +72,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.seqs: dict[int, Sequence] = {}
         self._seq_ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "max_in_flight_seen": 0}
+        self._in_flight: deque[SchedulerOutput] = deque()
         self.dead: str | None = None  # set when a rank died: every request then fails with this message
         logger.info("engine ready: %d KV blocks of %d tokens", num_blocks, cfg.cache.block_size)
 
@@ -155,14 +157,22 @@ class LLMEngine:
     # --- stepping ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule one batch, run it, and return an output for every request that advanced."""
-        sched_out = self.scheduler.schedule()
-        if not sched_out.seqs:
-            return []
         try:
-            result = self.executor.execute_model(sched_out)
+            # keep up to max_in_flight batches (disjoint sequences) in the pipeline, so every stage works at once
+            while len(self._in_flight) < self.executor.max_in_flight:
+                sched_out = self.scheduler.schedule(self.executor.max_in_flight)
+                if not sched_out.seqs:
+                    break
+                self.executor.submit(sched_out)
+                self._in_flight.append(sched_out)
+                self.stats["max_in_flight_seen"] = max(self.stats["max_in_flight_seen"], len(self._in_flight))
+            if not self._in_flight:
+                return []
+            result = self.executor.collect()
         except ExecutorError as e:
+            self._in_flight.clear()
             return self.fail_all(str(e))
-        return self.process_result(sched_out, result)
+        return self.process_result(self._in_flight.popleft(), result)
 
     def fail_all(self, reason: str) -> list[RequestOutput]:
         """A rank died: finish every request with an error (never leave a caller waiting)."""

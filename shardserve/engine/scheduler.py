@@ -52,12 +52,17 @@ class Scheduler:
             self.finish(seq, "abort")
 
     # --- scheduling ----------------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_micro_batches: int = 1) -> SchedulerOutput:
+        """One batch. With pipeline parallelism the engine calls this while earlier batches are in flight; each
+        batch then takes about 1/max_micro_batches of the unfinished sequences, so the pipeline stays full."""
         budget = self.cfg.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
+        seq_limit = self.cfg.max_num_seqs
+        if max_micro_batches > 1:
+            seq_limit = max(1, -(-(len(self.running) + len(self.waiting)) // max_micro_batches))
         for seq in list(self.running):
-            if budget == 0:
+            if budget == 0 or len(scheduled) >= seq_limit:
                 break
             if seq.in_flight or seq.status is not SeqStatus.RUNNING:
                 continue
@@ -75,12 +80,13 @@ class Scheduler:
                 scheduled.append((seq, n))
                 budget -= n
         if not preempted:
-            budget = self._admit(budget, scheduled)
+            budget = self._admit(budget, scheduled, seq_limit)
         return self._build_output(scheduled)
 
-    def _admit(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> int:
+    def _admit(self, budget: int, scheduled: list[tuple[Sequence, int]], seq_limit: int) -> int:
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs \
+                and len(scheduled) < seq_limit:
             seq = self.waiting[0]
             if not bm.has_seq(seq.seq_id):
                 skip_cache = seq.params.prompt_logprobs is not None  # every prompt position must be computed
@@ -120,6 +126,8 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _build_output(self, scheduled: list[tuple[Sequence, int]]) -> SchedulerOutput:
+        if not scheduled:  # nothing to run: keep the finished ids for the next real step
+            return SchedulerOutput(seqs=[], finished_seq_ids=[], step_id=self._step_id)
         out: list[ScheduledSeq] = []
         for seq, n in scheduled:
             start = seq.num_computed_tokens

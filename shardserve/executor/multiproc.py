@@ -13,10 +13,13 @@ from collections import deque
 
 from shardserve.config import EngineConfig, engine_config_to_dict
 from shardserve.distributed.message_queue import MessageQueue
-from shardserve.distributed.pipeline import even_partition, layer_ranges
+from pathlib import Path
+
+from shardserve.distributed.pipeline import layer_ranges, resolve_partition
 from shardserve.engine.sequence import ModelRunnerOutput, SchedulerOutput
 from shardserve.executor.base import Executor, ExecutorError
 from shardserve.utils.network import get_free_port, get_loopback_ip, tcp_init_method
+from shardserve.utils.trace import merge_traces
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +28,13 @@ STARTUP_TIMEOUT_S = 300.0
 
 
 class MultiprocExecutor(Executor):
-    def __init__(self, cfg: EngineConfig, eos_token_ids: list[int], progress: bool = False,
-                 layer_counts: list[int] | None = None) -> None:
+    def __init__(self, cfg: EngineConfig, eos_token_ids: list[int], progress: bool = False) -> None:
         super().__init__(cfg, eos_token_ids, progress)
         par = cfg.parallel
         self.world_size = par.world_size
         tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
-        self.layer_ranges = layer_ranges(layer_counts or even_partition(cfg.model.num_layers, pp))
+        self.layer_counts = resolve_partition(cfg)
+        self.layer_ranges = layer_ranges(self.layer_counts)
         self.driver_rank = (pp - 1) * tp  # last stage, tp rank 0
         self.requests = MessageQueue.create(n_readers=self.world_size)
         self.results = MessageQueue.create(n_readers=1, reader_index=0)
@@ -61,7 +64,8 @@ class MultiprocExecutor(Executor):
     # --- steps -------------------------------------------------------------------------------------------
     @property
     def max_in_flight(self) -> int:
-        return self.cfg.parallel.pipeline_parallel_size
+        par = self.cfg.parallel
+        return par.max_micro_batches or par.pipeline_parallel_size
 
     def submit(self, out: SchedulerOutput) -> None:
         self._check_alive()
@@ -71,7 +75,9 @@ class MultiprocExecutor(Executor):
     def collect(self) -> ModelRunnerOutput:
         self._pending.popleft()
         msg = self._receive(None, what="a step")
-        return ModelRunnerOutput.from_dict(msg["result"])
+        result = ModelRunnerOutput.from_dict(msg["result"])
+        self._last_timings = result.timings
+        return result
 
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.submit(out)
@@ -102,7 +108,8 @@ class MultiprocExecutor(Executor):
                 raise ExecutorError(self._dead)
 
     def stats(self) -> dict[str, float]:
-        return {}
+        """Cumulative per-stage compute/send/recv seconds (stage{i}_compute_s, ...) as of the last step."""
+        return {k: v for k, v in getattr(self, "_last_timings", {}).items() if k.startswith("stage")}
 
     def shutdown(self) -> None:
         if not self.procs:
@@ -120,6 +127,9 @@ class MultiprocExecutor(Executor):
                 p.kill()
                 p.wait()
         self.procs = []
+        if self.cfg.parallel.trace_file:
+            merge_traces([Path(f"{self.cfg.parallel.trace_file}.rank{r}") for r in range(self.world_size)],
+                         self.cfg.parallel.trace_file)
         self.requests.stop()
         self.requests.close()
         self.results.close()

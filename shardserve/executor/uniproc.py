@@ -24,4 +24,11 @@ class UniprocExecutor(Executor):
         return result
 
     def stats(self) -> dict[str, float]:
-        return dict(self.worker.stage_timings)
+        return {f"stage0_{k}": v for k, v in self.worker.stage_timings.items()}
+
+    def shutdown(self) -> None:
+        self.worker.close()
+        if self.cfg.parallel.trace_file:
+            from pathlib import Path
+            from shardserve.utils.trace import merge_traces
+            merge_traces([Path(f"{self.cfg.parallel.trace_file}.rank0")], self.cfg.parallel.trace_file)

@@ -18,6 +18,8 @@ class ModelShard:
     end_layer: int
     is_first_stage: bool = True
     is_last_stage: bool = True
+    ep: Any = None                      # expert-parallel group (None: experts are tensor-parallel over `tp`)
+    expert_placement: str = "linear"    # "linear" | "round_robin": which experts each EP rank owns
 
     @classmethod
     def whole(cls, num_layers: int) -> "ModelShard":

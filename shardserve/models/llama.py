@@ -126,6 +126,8 @@ class LlamaForCausalLM(nn.Module):
             x, residual = self.model.layers[i](positions, x, residual, kv_caches[j], meta)
         if not self.shard.is_last_stage:
             return {"hidden_states": x, "residual": residual}
+        if residual is None:  # a last stage that holds no decoder layer
+            return self.model.norm(x)
         x, _ = self.model.norm(x, residual)
         return x
 

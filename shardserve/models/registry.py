@@ -10,6 +10,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("shardserve.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("shardserve.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("shardserve.models.llama", "Qwen3ForCausalLM"),
+    "MixtralForCausalLM": ("shardserve.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("shardserve.models.qwen_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("shardserve.models.qwen_moe", "Qwen3MoeForCausalLM"),
 }
 
 

@@ -75,8 +75,7 @@ def run_worker(spec: dict) -> int:
                 raise
             if results is not None and result is not None:
                 results.enqueue({"result": result.to_dict()})
-        elif kind == "stats" and results is not None:
-            results.enqueue({"stats": worker.stage_timings})
+    worker.close()
     requests.close()
     if results is not None:
         results.close()

@@ -12,6 +12,7 @@ from shardserve.engine.sequence import ModelRunnerOutput, SchedulerOutput
 from shardserve.layers.attention import get_attention_backend
 from shardserve.models.base import ModelShard
 from shardserve.models.loader import load_model
+from shardserve.utils.trace import Tracer
 from shardserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -31,15 +32,22 @@ class Worker:
         pp = pstate.pp
         self.shard = ModelShard(tp=pstate.tp if pstate.tp.world_size > 1 else None,
                                 start_layer=layer_range[0], end_layer=layer_range[1],
-                                is_first_stage=pp.is_first_rank, is_last_stage=pp.is_last_rank)
+                                is_first_stage=pp.is_first_rank, is_last_stage=pp.is_last_rank,
+                                ep=pstate.tp if cfg.parallel.enable_expert_parallel and pstate.tp.world_size > 1
+                                else None, expert_placement=cfg.parallel.expert_placement)
         self.is_driver = pp.is_last_rank and pstate.tp.rank_in_group == 0  # returns sampled tokens
         t0 = time.perf_counter()
-        self.model, self.read_counter = load_model(cfg.model, self.shard, get_attention_backend(self.device),
-                                                   self.device, progress=progress)
+        self.backend = get_attention_backend(self.device)
+        self.model, self.read_counter = load_model(cfg.model, self.shard, self.backend, self.device,
+                                                   progress=progress)
         self.load_time_s = time.perf_counter() - t0
         self.runner: ModelRunner | None = None
         self.eos_token_ids = eos_token_ids
-        self.stage_timings = {"compute_s": 0.0, "send_s": 0.0, "recv_s": 0.0}
+        self.stage_timings = {"compute_s": 0.0, "send_s": 0.0, "recv_s": 0.0, "steps": 0}
+        self.stage = pp.rank_in_group
+        self.tracer = Tracer(bool(cfg.parallel.trace_file), pid=pstate.rank,
+                             process_name=f"rank {pstate.rank} (stage {pp.rank_in_group}, tp {pstate.tp.rank_in_group})")
+        self._pending_sends: list = []
 
     # --- KV cache ----------------------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -87,7 +95,7 @@ class Worker:
     def _allocate(self, num_blocks: int) -> list[torch.Tensor]:
         m = self.cfg.model
         kv_heads = max(1, m.num_kv_heads // self.pstate.tp.world_size)
-        shape = (2, num_blocks, self.cfg.cache.block_size, kv_heads, m.head_dim)
+        shape = self.backend.kv_cache_shape(num_blocks, self.cfg.cache.block_size, kv_heads, m.head_dim)
         return [torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(self.shard.num_local_layers)]
 
     def init_cache(self, num_blocks: int) -> None:
@@ -98,28 +106,47 @@ class Worker:
 
     # --- a step ------------------------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
-        """Run this rank's part of one step. Pipeline stages exchange hidden states over the pp group."""
+        """Run this rank's part of one step. A stage that is not the last sends hidden states (and every earlier
+        stage's timings) to the next stage without blocking, so it can start the next micro-batch at once."""
         runner = self.runner
         assert runner is not None, "init_cache first"
         runner.update_states(out)
         inputs = runner.prepare_inputs(out)
-        pp = self.pstate.pp
-        intermediate = None
+        pp, tm, step = self.pstate.pp, self.stage_timings, out.step_id
+        intermediate, upstream = None, {}
         if not self.shard.is_first_stage:
             t0 = time.perf_counter()
-            intermediate = pp.recv_tensor_dict(pp.rank_in_group - 1)
-            self.stage_timings["recv_s"] += time.perf_counter() - t0
+            with self.tracer.span("recv", tid=1, step=step):
+                intermediate = pp.recv_tensor_dict(pp.rank_in_group - 1)
+            upstream = intermediate.pop("stage_timings")
+            tm["recv_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        hidden = runner.forward(inputs, intermediate)
-        self.stage_timings["compute_s"] += time.perf_counter() - t0
+        with self.tracer.span("compute", step=step, tokens=out.num_tokens):
+            hidden = runner.forward(inputs, intermediate)
+        tm["compute_s"] += time.perf_counter() - t0
+        tm["steps"] += 1
+        timings = {**upstream, str(self.stage): dict(tm)}
         if not self.shard.is_last_stage:
             t0 = time.perf_counter()
-            pp.send_tensor_dict(hidden, pp.rank_in_group + 1)
-            self.stage_timings["send_s"] += time.perf_counter() - t0
+            with self.tracer.span("send", tid=1, step=step):
+                for h in self._pending_sends:  # the previous micro-batch's send must be done before reuse
+                    h.wait()
+                hidden["stage_timings"] = timings
+                self._pending_sends = pp.isend_tensor_dict(hidden, pp.rank_in_group + 1)
+            tm["send_s"] += time.perf_counter() - t0
             return None
         # every TP rank of the last stage joins the LM head's all-gather (and samples identically); one returns
-        result = runner.sample(inputs, hidden, out.step_id)
+        with self.tracer.span("sample", step=step):
+            result = runner.sample(inputs, hidden, step)
         if not self.is_driver:
             return None
-        result.timings.update(self.stage_timings)
+        for stage, t in timings.items():
+            for k, v in t.items():
+                result.timings[f"stage{stage}_{k}"] = v
         return result
+
+    def close(self) -> None:
+        for h in self._pending_sends:
+            h.wait()
+        if self.tracer.enabled:
+            self.tracer.dump(f"{self.cfg.parallel.trace_file}.rank{self.pstate.rank}")

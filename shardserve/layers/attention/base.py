@@ -28,8 +28,12 @@ class AttentionMetadata:
 class AttentionBackend:
     """Writes this step's K/V into the paged cache and computes attention over each sequence's context."""
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """Shape of one layer's K+V cache tensor; each backend picks the layout its kernels read fastest."""
+        raise NotImplementedError
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
-        """q [tokens, heads, dim], k/v [tokens, kv_heads, dim], kv_cache [2, blocks, block_size, kv_heads, dim]
+        """q [tokens, heads, dim], k/v [tokens, kv_heads, dim], kv_cache of kv_cache_shape(...)
         → [tokens, heads * dim]."""
         raise NotImplementedError

@@ -1,4 +1,8 @@
-"""CPU (and fallback) paged attention: gather each sequence's blocks, then scaled_dot_product_attention."""
+"""CPU (and fallback) paged attention: gather each sequence's blocks, then scaled_dot_product_attention.
+
+The cache is head-major, [2, kv_heads, blocks, block_size, dim] per layer, so a gather of blocks lands directly
+in SDPA's [kv_heads, len, dim] layout (no transpose copy). Decodes are attended in a few groups of similar
+length, so short sequences are not padded to the longest one."""
 from __future__ import annotations
 
 import torch
@@ -6,23 +10,26 @@ import torch.nn.functional as F
 
 from shardserve.layers.attention.base import AttentionBackend, AttentionMetadata
 
+DECODE_GROUP_MIN = 8     # sequences per decode group (smaller groups cost more calls than padding saves)
+DECODE_GROUPS_MAX = 4
+
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter K/V of this step's tokens into their slots. kv_cache [2, blocks, block_size, kv_heads, dim]."""
+    """Scatter this step's K/V [tokens, kv_heads, dim] into their slots of kv_cache [2, kv_heads, blocks, bs, dim]."""
     kv_heads, dim = k.shape[-2:]
-    kv_cache[0].view(-1, kv_heads, dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, kv_heads, dim).index_copy_(0, slot_mapping, v)
+    kv_cache[0].view(kv_heads, -1, dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    kv_cache[1].view(kv_heads, -1, dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
-def gather_blocks(kv_cache: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the blocks in `tables` (any shape): [*tables.shape, block_size, kv_heads, dim] each.
-    index_select on a flat per-K/V view is ~3× faster on CPU than advanced indexing of the 5-d cache."""
-    nblocks = kv_cache.shape[1]
+def gather_blocks(kv_cache: torch.Tensor, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first `length` slots of each row of block ids `tables` [seqs, nblocks]:
+    [seqs, kv_heads, length, dim] each."""
+    kv_heads, _, block_size, dim = kv_cache.shape[1:]
+    seqs, nblocks = tables.shape
     flat = tables.reshape(-1)
-    shape = (*tables.shape, *kv_cache.shape[2:])
-    k = kv_cache[0].view(nblocks, -1).index_select(0, flat).view(shape)
-    v = kv_cache[1].view(nblocks, -1).index_select(0, flat).view(shape)
-    return k, v
+    k = kv_cache[0].index_select(1, flat).view(kv_heads, seqs, nblocks * block_size, dim)[:, :, :length]
+    v = kv_cache[1].index_select(1, flat).view(kv_heads, seqs, nblocks * block_size, dim)[:, :, :length]
+    return k.transpose(0, 1), v.transpose(0, 1)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -45,59 +52,66 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 
 
 class TorchAttentionBackend(AttentionBackend):
+    def kv_cache_shape(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (2, kv_heads, num_blocks, block_size, head_dim)
+
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         heads, dim = q.shape[-2:]
         out = torch.empty_like(q)  # [tokens, heads, dim]
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], kv_cache, meta, scale, sliding_window)
+            self._decode(q[:nd], out, kv_cache, meta, scale, sliding_window)
         start = nd
         for i in range(nd, len(meta.seq_lens)):
             q_len, ctx_len = meta.query_lens[i], meta.seq_lens[i]
-            qi = q[start:start + q_len]
+            qi = q[start:start + q_len].transpose(0, 1)  # [heads, q_len, dim]
             if ctx_len == q_len:  # nothing cached before this chunk: use this step's K/V directly
-                ki, vi = k[start:start + q_len], v[start:start + q_len]
+                ki, vi = k[start:start + q_len].transpose(0, 1), v[start:start + q_len].transpose(0, 1)
             else:
-                ki, vi = self._gather(kv_cache, meta.block_tables[i], ctx_len, meta.block_size)
-            out[start:start + q_len] = self._prefill(qi, ki, vi, ctx_len, scale, sliding_window)
+                nblocks = -(-ctx_len // meta.block_size)
+                ki, vi = gather_blocks(kv_cache, meta.block_tables[i:i + 1, :nblocks], ctx_len)
+                ki, vi = ki[0], vi[0]  # [kv_heads, ctx_len, dim]
+            out[start:start + q_len] = self._prefill(qi, ki, vi, ctx_len, scale, sliding_window).transpose(0, 1)
             start += q_len
         return out.view(-1, heads * dim)
 
     @staticmethod
-    def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int, block_size: int):
-        nblocks = (ctx_len + block_size - 1) // block_size
-        k, v = gather_blocks(kv_cache, block_table[:nblocks])  # [nblocks, block_size, kv_heads, dim]
-        return k.flatten(0, 1)[:ctx_len], v.flatten(0, 1)[:ctx_len]  # [ctx_len, kv_heads, dim]
-
-    @staticmethod
     def _prefill(q, k, v, ctx_len: int, scale: float, window: int | None) -> torch.Tensor:
-        q_len = q.shape[0]
-        qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, len, dim]
+        """q [heads, q_len, dim] (the last q_len positions of the context), k/v [kv_heads, ctx_len, dim]."""
+        q_len = q.shape[1]
         if q_len == ctx_len and window is None:
-            o = _sdpa(qt, kt, vt, None, scale, causal=True)
-        else:
-            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device).unsqueeze(1)  # [q_len, 1]
-            k_pos = torch.arange(ctx_len, device=q.device).unsqueeze(0)  # [1, ctx_len]
-            mask = k_pos <= q_pos
-            if window is not None:
-                mask &= k_pos > q_pos - window
-            o = _sdpa(qt, kt, vt, mask, scale)
-        return o.transpose(0, 1)  # [q_len, heads, dim]
+            return _sdpa(q, k, v, None, scale, causal=True)
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device).unsqueeze(1)  # [q_len, 1]
+        k_pos = torch.arange(ctx_len, device=q.device).unsqueeze(0)  # [1, ctx_len]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        return _sdpa(q, k, v, mask, scale)
 
     @staticmethod
-    def _decode(q, kv_cache, meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
+    def _decode(q, out, kv_cache, meta: AttentionMetadata, scale: float, window: int | None) -> None:
+        """One query token per sequence, in groups of similar context length."""
         nd = q.shape[0]
-        max_len = max(meta.seq_lens[:nd])
-        nblocks = (max_len + meta.block_size - 1) // meta.block_size
-        tables = meta.block_tables[:nd, :nblocks]  # [seqs, nblocks]
-        k, v = gather_blocks(kv_cache, tables)  # [seqs, nblocks, block_size, kv_heads, dim]
-        lens = meta.seq_lens_tensor[:nd].unsqueeze(1)  # [seqs, 1]
-        k_pos = torch.arange(max_len, device=q.device).unsqueeze(0)  # [1, max_len]
-        mask = k_pos < lens
-        if window is not None:
-            mask &= k_pos > lens - 1 - window
-        kt = k.flatten(1, 2)[:, :max_len].transpose(1, 2)  # [seqs, kv_heads, max_len, dim]
-        vt = v.flatten(1, 2)[:, :max_len].transpose(1, 2)
-        o = _sdpa(q.unsqueeze(2), kt, vt, mask[:, None, None, :], scale)  # q [seqs, heads, 1, dim]
-        return o.squeeze(2)
+        lens = meta.seq_lens[:nd]
+        groups = max(1, min(DECODE_GROUPS_MAX, nd // DECODE_GROUP_MIN))
+        order = sorted(range(nd), key=lens.__getitem__) if groups > 1 else list(range(nd))
+        for g in range(groups):
+            idx = order[g * nd // groups:(g + 1) * nd // groups]
+            max_len = max(lens[i] for i in idx)
+            nblocks = -(-max_len // meta.block_size)
+            rows = torch.tensor(idx, device=q.device) if groups > 1 else None
+            tables = meta.block_tables[:nd] if rows is None else meta.block_tables.index_select(0, rows)
+            k, v = gather_blocks(kv_cache, tables[:, :nblocks], max_len)  # [seqs, kv_heads, max_len, dim]
+            seq_lens = meta.seq_lens_tensor[:nd] if rows is None else meta.seq_lens_tensor.index_select(0, rows)
+            lens_col = seq_lens.unsqueeze(1)  # [seqs, 1]
+            k_pos = torch.arange(max_len, device=q.device).unsqueeze(0)  # [1, max_len]
+            mask = k_pos < lens_col
+            if window is not None:
+                mask &= k_pos > lens_col - 1 - window
+            qi = q if rows is None else q.index_select(0, rows)
+            o = _sdpa(qi.unsqueeze(2), k, v, mask[:, None, None, :], scale).squeeze(2)  # [seqs, heads, dim]
+            if rows is None:
+                out[:nd] = o
+            else:
+                out.index_copy_(0, rows, o)

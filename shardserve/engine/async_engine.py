@@ -1,0 +1,413 @@
+"""The async engine: one engine-core process driven from asyncio — a background loop reads its outputs, every
+request gets its own output stream, and a request whose consumer goes away is aborted in the core at once."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from shardserve.engine.core_proc import OutputAccumulator, launch_core, new_unpacker, pack, tokens_match
+from shardserve.outputs import RequestOutput
+from shardserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0
+HEARTBEAT_TIMEOUT_S = 60.0   # a core silent this long while it holds requests is taken for hung and killed
+
+
+class EngineUnavailable(RuntimeError):
+    """The replica is not serving (starting, dead or stopped); the request was not (or no longer) run there."""
+
+
+class RequestRejected(ValueError):
+    """The engine refused the request (prompt too long, max_tokens too big, bad token ids...): a client error."""
+
+
+@dataclass
+class _Req:
+    queue: asyncio.Queue
+    prompt_len: int
+    max_tokens: int          # per sample
+    n: int
+    arrival: float
+    acked: asyncio.Future
+    generated: int = 0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished: bool = False
+
+    @property
+    def outstanding_tokens(self) -> int:
+        """Work left in the core: the prompt until its first token, plus the tokens still to generate."""
+        return (0 if self.first_token_time else self.prompt_len) + max(0, self.max_tokens * self.n - self.generated)
+
+
+@dataclass
+class RequestStream:
+    """The outputs of one request, in order. Iterate it; close() it when done (aborts it if unfinished)."""
+    request_id: str
+    engine: "AsyncEngine"
+    _req: _Req = field(repr=False)
+    _closed: bool = False
+
+    @property
+    def replica(self) -> int:
+        return self.engine.replica
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._closed or (self._req.finished and self._req.queue.empty()):
+            raise StopAsyncIteration
+        item = await self._req.queue.get()
+        # merge what else is already here: a slow consumer gets one output per wake-up, not a backlog
+        while not self._req.queue.empty() and isinstance(item, RequestOutput) and not item.finished:
+            nxt = self._req.queue.get_nowait()
+            if not isinstance(nxt, RequestOutput):
+                self._req.queue.put_nowait(nxt)  # an error: deliver what we have first
+                break
+            item = _merge(item, nxt)
+        if isinstance(item, Exception):
+            self._closed = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if not self._req.finished:
+                self.engine.abort(self.request_id)
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """b is cumulative; its deltas must also cover what a added."""
+    prev = {c.index: c for c in a.outputs}
+    for c in b.outputs:
+        p = prev.pop(c.index, None)
+        if p is not None:
+            c.text_delta = p.text_delta + c.text_delta
+            c.token_ids_delta = p.token_ids_delta + c.token_ids_delta
+            c.logprobs_delta = list(p.logprobs_delta or []) + list(c.logprobs_delta or [])
+    b.outputs = sorted(b.outputs + list(prev.values()), key=lambda c: c.index)
+    return b
+
+
+class AsyncEngine:
+    """One replica: its core process, the channel to it, and the streams of the requests it holds.
+
+    `metrics` (optional) receives per-replica events (see shardserve.metrics.ServerMetrics); `on_exit(engine)`
+    is called once when a ready core dies or hangs (the router restarts it).
+    """
+
+    def __init__(self, engine_args: dict[str, Any], replica: int = 0, threads: int = 1, metrics=None,
+                 on_exit: Callable[["AsyncEngine"], None] | None = None,
+                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> None:
+        self.engine_args = engine_args
+        self.replica = replica
+        self.threads = threads
+        self.metrics = metrics
+        self.on_exit = on_exit
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.state = "new"                   # new → starting → ready → dead | stopped
+        self.dead_reason: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.stats: dict[str, float] = {}
+        self.num_blocks = 0
+        self._reqs: dict[str, _Req] = {}
+        self._acc = OutputAccumulator()
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._last_msg = time.monotonic()
+
+    # --- life cycle ----------------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ready"
+
+    async def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Launch the core and wait until its engine is ready (raises EngineUnavailable with the core's reason)."""
+        self.state = "starting"
+        token = secrets.token_hex(16)
+        connected: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            unpacker = new_unpacker()
+            try:
+                while True:  # the first message must be a hello with our token
+                    msgs = list(unpacker)
+                    if msgs:
+                        break
+                    data = await asyncio.wait_for(reader.read(1 << 16), 10)
+                    if not data:
+                        raise ConnectionError("closed")
+                    unpacker.feed(data)
+            except (Exception, asyncio.CancelledError):
+                writer.close()
+                return
+            if connected.done() or msgs[0].get("t") != "hello" or not tokens_match(token, msgs[0].get("token")):
+                writer.close()  # a stranger on our port
+                return
+            connected.set_result((reader, writer, unpacker, msgs[1:]))
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        self.proc = launch_core(self.engine_args, self.replica, port, token, self.threads)
+        try:
+            reader, writer, unpacker, early = await self._wait(connected, timeout, "connect")
+            self._writer = writer
+            ready = await self._wait(asyncio.ensure_future(self._read_until_ready(reader, unpacker, early)),
+                                     timeout, "load the model")
+        except BaseException:
+            self._kill()
+            self.state = "dead"
+            raise
+        finally:
+            server.close()
+        self.num_blocks = int(ready.get("num_blocks", 0))
+        self.state = "ready"
+        self._last_msg = time.monotonic()
+        self._tasks = [asyncio.create_task(self._read_loop(reader, unpacker)),
+                       asyncio.create_task(self._watchdog())]
+        logger.info("replica %d ready (pid %d, %d KV blocks)", self.replica, self.proc.pid, self.num_blocks)
+
+    async def _wait(self, fut: asyncio.Future, timeout: float, what: str):
+        """Await `fut`, failing early if the core process exits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=0.2)
+            if done:
+                return fut.result()
+            code = self.proc.poll() if self.proc else None
+            if code is not None or time.monotonic() > deadline:
+                fut.cancel()
+                why = f"exited with code {code}" if code is not None else f"did not {what} within {timeout:.0f} s"
+                raise EngineUnavailable(f"engine core {self.replica} {why} before it was ready")
+
+    async def _read_until_ready(self, reader: asyncio.StreamReader, unpacker, early: list[dict]) -> dict:
+        pending = list(early)
+        while True:
+            for msg in pending:
+                if msg.get("t") == "ready":
+                    return msg
+                if msg.get("t") == "failed":
+                    raise EngineUnavailable(f"engine core {self.replica} failed to start: {msg.get('error')}")
+            data = await reader.read(1 << 16)
+            if not data:
+                raise EngineUnavailable(f"engine core {self.replica} closed its channel during start-up")
+            unpacker.feed(data)
+            pending = list(unpacker)
+
+    async def shutdown(self) -> None:
+        if self.state in ("stopped",):
+            return
+        was = self.state
+        self.state = "stopped"
+        for t in self._tasks:
+            t.cancel()
+        self._fail_all(f"the server is shutting down; replica {self.replica} stopped")
+        if was == "ready" and self._writer is not None:
+            try:
+                self._writer.write(pack({"t": "shutdown"}))
+                await asyncio.wait_for(self._writer.drain(), 1.0)
+            except Exception:
+                pass
+        if self.proc is not None:
+            deadline = time.monotonic() + 10.0
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            self._kill()
+        if self._writer is not None:
+            self._writer.close()
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _died(self, reason: str) -> None:
+        if self.state != "ready":
+            return
+        self.state = "dead"
+        self.dead_reason = reason
+        logger.error("replica %d (pid %s) died: %s", self.replica, self.pid, reason)
+        self._fail_all(f"replica {self.replica} died while running this request ({reason}); "
+                       "the request was not completed, please retry it")
+        for t in self._tasks:
+            if t is not asyncio.current_task():
+                t.cancel()
+        self._kill()
+        if self._writer is not None:
+            self._writer.close()
+        if self.metrics is not None:
+            self.metrics.on_replica_down(self.replica)
+        if self.on_exit is not None:
+            self.on_exit(self)
+
+    def _fail_all(self, message: str) -> None:
+        for rid, req in list(self._reqs.items()):
+            if not req.finished:
+                req.finished = True
+                req.queue.put_nowait(EngineUnavailable(message))
+                if not req.acked.done():
+                    req.acked.set_exception(EngineUnavailable(message))
+                    req.acked.exception()  # mark retrieved
+            self._acc.drop(rid)
+        self._reqs.clear()
+
+    # --- load (for the router) -----------------------------------------------------------------------------
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._reqs)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests here that have not produced their first token yet (queued or prefilling)."""
+        return sum(1 for r in self._reqs.values() if r.first_token_time is None)
+
+    @property
+    def outstanding_tokens(self) -> int:
+        return sum(r.outstanding_tokens for r in self._reqs.values())
+
+    # --- requests ------------------------------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                          prompt: str | None = None, arrival: float | None = None) -> RequestStream:
+        """Send the request to the core and wait for its verdict: RequestRejected (client error) or a stream."""
+        if self.state != "ready" or self._writer is None:
+            raise EngineUnavailable(f"replica {self.replica} is not serving ({self.state})")
+        if request_id in self._reqs:
+            raise RequestRejected(f"request id {request_id!r} is already in use")
+        ids = [int(t) for t in prompt_token_ids]
+        max_model_len = int(self.engine_args.get("max_model_len") or 0) or None
+        max_tokens = params.max_tokens if params.max_tokens is not None else \
+            max(1, (max_model_len or len(ids) + 1) - len(ids))
+        req = _Req(asyncio.Queue(), len(ids), max_tokens, params.n, arrival or time.monotonic(),
+                   asyncio.get_running_loop().create_future())
+        self._reqs[request_id] = req
+        self._acc.add(request_id, prompt, ids, params.n, params.logprobs is not None)
+        self._writer.write(pack({"t": "add", "id": request_id, "prompt_token_ids": ids, "params": params.to_dict()}))
+        stream = RequestStream(request_id, self, req)
+        try:
+            await req.acked
+        except BaseException:
+            stream.close()
+            raise
+        if self.metrics is not None:
+            self.metrics.on_request_accepted(self.replica, len(ids))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        req = self._reqs.pop(request_id, None)
+        self._acc.drop(request_id)
+        if req is None:
+            return
+        req.finished = True
+        accepted = req.acked.done() and not req.acked.cancelled() and req.acked.exception() is None
+        if self.metrics is not None and accepted:
+            self.metrics.on_request_finished(self.replica, "abort", time.monotonic() - req.arrival)
+        if self.state == "ready" and self._writer is not None:
+            self._writer.write(pack({"t": "abort", "ids": [request_id]}))
+
+    # --- the background loop -------------------------------------------------------------------------------
+    async def _read_loop(self, reader: asyncio.StreamReader, unpacker) -> None:
+        try:
+            while True:
+                data = await reader.read(1 << 20)
+                if not data:
+                    code = self.proc.poll() if self.proc else None
+                    if code is None and self.proc is not None:
+                        try:
+                            code = await asyncio.to_thread(self.proc.wait, 2.0)
+                        except subprocess.TimeoutExpired:
+                            code = None
+                    return self._died(f"engine core process exited with code {code}" if code is not None
+                                      else "engine core closed its channel")
+                self._last_msg = time.monotonic()
+                unpacker.feed(data)
+                for msg in unpacker:
+                    self._handle(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug or a corrupt stream: treat the core as lost rather than hang requests
+            logger.exception("replica %d: channel error", self.replica)
+            self._died(f"channel error: {e}")
+
+    def _handle(self, msg: dict) -> None:
+        kind = msg.get("t")
+        if kind == "outs":
+            now = time.monotonic()
+            for d in msg["outs"]:
+                self._on_output(d, now)
+        elif kind == "ack":
+            req = self._reqs.get(msg["id"])
+            if req is not None and not req.acked.done():
+                if msg.get("error"):
+                    self._reqs.pop(msg["id"], None)
+                    self._acc.drop(msg["id"])
+                    req.finished = True
+                    err = msg["error"]
+                    exc = EngineUnavailable(err) if err.startswith("engine failure") else RequestRejected(err)
+                    req.acked.set_exception(exc)
+                else:
+                    req.acked.set_result(True)
+        elif kind == "stats":
+            self.stats = {k: v for k, v in msg.items() if k != "t"}
+            if self.metrics is not None:
+                self.metrics.on_core_stats(self.replica, self.stats)
+        elif kind == "dead":
+            self._died(f"engine failure: {msg.get('reason')}")
+
+    def _on_output(self, d: dict, now: float) -> None:
+        req = self._reqs.get(d["id"])
+        out = self._acc.decode(d)
+        if req is None or out is None:
+            return
+        new = sum(len(c.token_ids_delta) for c in out.outputs)
+        if new:
+            req.generated += new
+            if self.metrics is not None:
+                if req.first_token_time is None:
+                    self.metrics.on_first_token(self.replica, now - req.arrival)
+                else:
+                    self.metrics.on_inter_token(self.replica, now - (req.last_token_time or now))
+                self.metrics.on_generation_tokens(self.replica, new)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.last_token_time = now
+        if out.error:
+            req.finished = True
+            self._reqs.pop(d["id"], None)
+            req.queue.put_nowait(EngineUnavailable(f"replica {self.replica}: {out.error}"))
+            if self.metrics is not None:
+                self.metrics.on_request_finished(self.replica, "error", now - req.arrival)
+            return
+        if out.finished:
+            req.finished = True
+            self._reqs.pop(d["id"], None)
+            if self.metrics is not None:
+                reason = out.outputs[0].finish_reason if out.outputs else "stop"
+                self.metrics.on_request_finished(self.replica, reason or "stop", now - req.arrival)
+        req.queue.put_nowait(out)
+
+    async def _watchdog(self) -> None:
+        """Fail a core that died without closing the socket (never seen) or went silent while holding requests."""
+        while self.state == "ready":
+            await asyncio.sleep(0.5)
+            code = self.proc.poll() if self.proc else None
+            if code is not None:
+                return self._died(f"engine core process exited with code {code}")
+            silent = time.monotonic() - self._last_msg
+            if silent > self.heartbeat_timeout_s:
+                return self._died(f"engine core sent nothing for {silent:.0f} s (hung); killed it")

@@ -1,0 +1,176 @@
+"""The OpenAI-compatible HTTP server: the FastAPI app (routes, API-key check, OpenAI-style errors), engine start-up
+in the background (/health says 503 until a replica serves), the periodic stats log, and running it under uvicorn."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from contextlib import asynccontextmanager
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import shardserve
+from shardserve.entrypoints.openai import protocol
+from shardserve.entrypoints.openai.protocol import APIError, DetokenizeRequest, TokenizeRequest
+from shardserve.entrypoints.openai.serving import ClientGone, ServerState
+from shardserve.entrypoints.openai.serving_chat import create_chat_completion, render_chat
+from shardserve.entrypoints.openai.serving_completion import create_completion
+from shardserve.metrics import CONTENT_TYPE_LATEST, StatsLogger
+
+logger = logging.getLogger(__name__)
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def build_app(state: ServerState, stats_interval: float = 10.0,
+              on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine replicas in the background and stops them on shutdown."""
+
+    async def start_engines() -> None:
+        try:
+            await state.router.start()
+            logger.info("all %d engine replica(s) ready", state.router.num_replicas)
+        except Exception as e:  # noqa: BLE001 - reported, then the server stops
+            state.loading_error = str(e)
+            logger.error("the engine failed to start: %s", e)
+            if on_fatal is not None:
+                on_fatal(e)
+
+    async def log_stats() -> None:
+        stats = StatsLogger(state.metrics, stats_interval)
+        while True:
+            await asyncio.sleep(stats_interval)
+            stats.log()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        tasks = [asyncio.create_task(start_engines())]
+        if stats_interval > 0:
+            tasks.append(asyncio.create_task(log_stats()))
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await state.router.shutdown()
+
+    app = FastAPI(title="shardserve", version=shardserve.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.shardserve = state
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        return _error_response(APIError(400, f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return _error_response(APIError(500, f"internal server error: {type(exc).__name__}"))
+
+    def authorized(request: Request) -> None:
+        state.check_api_key(request.headers.get("authorization"))
+
+    auth = [Depends(authorized)]
+
+    # --- open endpoints ------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        router = state.router
+        body: dict[str, Any] = {"replicas": router.status(), "healthy": router.num_healthy}
+        if router.num_healthy:
+            return JSONResponse({"status": "ok", **body})
+        status = "failed" if state.loading_error else ("loading" if not router.started else "unavailable")
+        return JSONResponse({"status": status, "error": state.loading_error, **body}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # --- protected endpoints -------------------------------------------------------------------------------
+    @app.get("/version", dependencies=auth)
+    async def version() -> dict[str, str]:
+        return {"version": shardserve.__version__}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": state.created, "owned_by": "shardserve",
+             "root": state.model_path, "parent": None, "max_model_len": state.max_model_len}
+            for name in state.model_names]}
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> Response:
+        return await create_completion(state, request)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(state, request)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = protocol.parse_body(await request.body(), TokenizeRequest)
+        state.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            _, ids = render_chat(state, req.messages, req.add_generation_prompt)
+        else:
+            ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = protocol.parse_body(await request.body(), DetokenizeRequest)
+        state.check_model(req.model)
+        vocab = len(state.tokenizer)
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is out of range [0, {vocab})", param="tokens")
+        return {"prompt": state.tokenizer.decode(req.tokens)}
+
+    return app
+
+
+def run_server(state: ServerState, host: str, port: int, stats_interval: float = 10.0,
+               log_level: str = "warning") -> int:
+    """Serve until SIGINT/SIGTERM; returns 1 if the engine failed to start."""
+    import uvicorn
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(e: BaseException) -> None:
+        failed.append(e)
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(state, stats_interval, on_fatal)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5,
+                            access_log=log_level.lower() in ("debug", "info"))
+    server = uvicorn.Server(config)
+    print(f"shardserve: serving {', '.join(state.model_names)} on http://{host}:{port} "
+          f"({state.router.num_replicas} engine replica(s) loading; GET /health says 200 when ready)",
+          file=sys.stderr, flush=True)
+    server.run()
+    if failed:
+        print(f"error: the engine failed to start: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,67 @@
+"""`shardserve serve`: the flags of the OpenAI-compatible server (engine flags + server flags) and its start-up."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import replace
+
+EXAMPLES = """examples:
+  shardserve serve                                   # built-in tiny model (random weights) on 127.0.0.1:8000
+  shardserve serve --model DIR -tp 2 --port 8080 --api-key secret
+  shardserve serve --model DIR -dp 2 --max-waiting-requests 64 --stats-interval 5
+then:  curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "Hi", "max_tokens": 8}'
+"""
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    from shardserve.engine.args import EngineArgs
+    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP API",
+                       description="Serve a model over HTTP with the OpenAI API (/v1/completions, "
+                                   "/v1/chat/completions, /v1/models), Prometheus /metrics and /health. With -dp N, "
+                                   "N engine replicas run behind a load-aware router.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health and /metrics "
+                        "(or set SHARDSERVE_API_KEY, which keeps the key out of the process list)")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients send in 'model' (default: the --model value, or the built-in name)")
+    g.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="answer 429 while this many requests wait for their first token (default: no limit)")
+    g.add_argument("--stats-interval", type=float, default=10.0,
+                   help="seconds between stats log lines (throughput, queue, KV usage); 0 = off")
+    g.add_argument("--engine-heartbeat-timeout", type=float, default=60.0,
+                   help="seconds of silence after which a replica is taken for hung, killed and restarted")
+    EngineArgs.add_cli_args(p)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from shardserve.engine.args import EngineArgs
+    from shardserve.engine.llm_engine import load_tokenizer
+    from shardserve.entrypoints.openai.api_server import run_server
+    from shardserve.entrypoints.openai.serving import ServerState
+    from shardserve.entrypoints.router import Router
+    from shardserve.metrics import ServerMetrics
+    from shardserve.models.tiny import TINY_MODEL_NAME
+
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
+        raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
+    eargs = EngineArgs.from_cli(args)
+    model = eargs.resolve_model(progress=True)
+    # validate the layout and resolve max_model_len here, before any process starts (ConfigError → exit 2)
+    cfg = replace(eargs, model=model, data_parallel_size=1).create_config(progress=False)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    names = args.served_model_name or [eargs.model or TINY_MODEL_NAME]
+    metrics = ServerMetrics(names[0])
+    router = Router(eargs, model, cfg.model.max_model_len, metrics, args.max_waiting_requests,
+                    args.engine_heartbeat_timeout)
+    state = ServerState(router, tokenizer, names, model, cfg.model.max_model_len, metrics,
+                        api_key=args.api_key or os.environ.get("SHARDSERVE_API_KEY") or None)
+    logging.getLogger("shardserve.stats").setLevel(logging.INFO)
+    log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    return run_server(state, args.host, args.port, args.stats_interval, str(log_level))

@@ -1,0 +1,165 @@
+"""The data-parallel router: N engine-core replicas behind one front; each request goes to the least-loaded healthy
+replica, a replica that dies is restarted while the others keep serving, and a full queue is refused (429)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from shardserve.engine.args import EngineArgs
+from shardserve.engine.async_engine import (HEARTBEAT_TIMEOUT_S, AsyncEngine, EngineUnavailable, RequestRejected,
+                                            RequestStream)
+from shardserve.engine.core_proc import core_threads
+from shardserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)   # waits before successive restart attempts of one replica
+
+__all__ = ["Router", "QueueFull", "EngineUnavailable", "RequestRejected", "ReplicaLoad", "pick_replica",
+           "core_engine_args"]
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting for their first token (--max-waiting-requests): a 429."""
+
+
+@dataclass
+class ReplicaLoad:
+    healthy: bool
+    outstanding_tokens: int     # prompt tokens not yet prefilled + tokens still to generate
+    in_flight: int
+
+
+def pick_replica(loads: Sequence[ReplicaLoad], exclude: set[int] = frozenset()) -> int | None:  # type: ignore[assignment]
+    """The healthy replica with the fewest outstanding tokens; ties go to fewer requests, then the lowest index.
+
+    Outstanding tokens track the work a replica still has to do (a long prompt weighs more than a short one, a
+    request near its end less than a fresh one), counted in this process, so they are exact at the moment of choice
+    (the cores' own queue gauges arrive every half second)."""
+    best, best_key = None, None
+    for i, load in enumerate(loads):
+        if not load.healthy or i in exclude:
+            continue
+        key = (load.outstanding_tokens, load.in_flight, i)
+        if best_key is None or key < best_key:
+            best, best_key = i, key
+    return best
+
+
+def core_engine_args(args: EngineArgs, max_model_len: int, model: str) -> dict[str, Any]:
+    """The EngineArgs of one replica as a plain dict (JSON for the core's spec): one replica, model resolved."""
+    d = asdict(args)
+    d.update(model=model, data_parallel_size=1, max_model_len=max_model_len)
+    return d
+
+
+class Router:
+    def __init__(self, args: EngineArgs, model: str, max_model_len: int, metrics=None,
+                 max_waiting_requests: int | None = None, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> None:
+        self.num_replicas = max(1, args.data_parallel_size)
+        self.core_args = core_engine_args(args, max_model_len, model)
+        self.threads = core_threads(self.num_replicas, args.tensor_parallel_size * args.pipeline_parallel_size)
+        self.metrics = metrics
+        self.max_waiting_requests = max_waiting_requests
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.replicas: list[AsyncEngine] = [self._new_engine(i) for i in range(self.num_replicas)]
+        self.restarts = [0] * self.num_replicas
+        self.started = False
+        self.stopping = False
+        self._restart_tasks: dict[int, asyncio.Task] = {}
+
+    def _new_engine(self, i: int) -> AsyncEngine:
+        return AsyncEngine(self.core_args, replica=i, threads=self.threads, metrics=self.metrics,
+                           on_exit=self._on_exit, heartbeat_timeout_s=self.heartbeat_timeout_s)
+
+    # --- life cycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start every replica (in parallel); if any fails to start, stop them all and raise its reason."""
+        results = await asyncio.gather(*(r.start() for r in self.replicas), return_exceptions=True)
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:
+            await self.shutdown()
+            raise errors[0]
+        for i in range(self.num_replicas):
+            self._replica_up(i)
+        self.started = True
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        for t in self._restart_tasks.values():
+            t.cancel()
+        await asyncio.gather(*(r.shutdown() for r in self.replicas), return_exceptions=True)
+
+    def _replica_up(self, i: int) -> None:
+        if self.metrics is not None:
+            self.metrics.on_replica_up(i)
+
+    def _on_exit(self, engine: AsyncEngine) -> None:
+        i = engine.replica
+        if self.stopping or self.replicas[i] is not engine or i in self._restart_tasks:
+            return
+        self._restart_tasks[i] = asyncio.get_running_loop().create_task(self._restart(i))
+
+    async def _restart(self, i: int) -> None:
+        attempt = 0
+        try:
+            while not self.stopping:
+                await asyncio.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
+                attempt += 1
+                engine = self._new_engine(i)
+                self.replicas[i] = engine
+                logger.warning("restarting replica %d (attempt %d)", i, attempt)
+                try:
+                    await engine.start()
+                except EngineUnavailable as e:
+                    logger.error("replica %d did not restart: %s", i, e)
+                    continue
+                self.restarts[i] += 1
+                if self.metrics is not None:
+                    self.metrics.on_replica_restart(i)
+                self._replica_up(i)
+                return
+        finally:
+            self._restart_tasks.pop(i, None)
+
+    # --- state ---------------------------------------------------------------------------------------------
+    @property
+    def num_healthy(self) -> int:
+        return sum(r.healthy for r in self.replicas)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(r.num_waiting for r in self.replicas)
+
+    def loads(self) -> list[ReplicaLoad]:
+        return [ReplicaLoad(r.healthy, r.outstanding_tokens, r.num_in_flight) for r in self.replicas]
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{"replica": r.replica, "state": r.state, "healthy": r.healthy, "pid": r.pid,
+                 "restarts": self.restarts[r.replica], "in_flight": r.num_in_flight, "waiting": r.num_waiting,
+                 "outstanding_tokens": r.outstanding_tokens} for r in self.replicas]
+
+    # --- requests ------------------------------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                          prompt: str | None = None, arrival: float | None = None) -> RequestStream:
+        """Route the request; raises QueueFull, RequestRejected (client error) or EngineUnavailable (none serving)."""
+        arrival = arrival or time.monotonic()
+        if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
+            raise QueueFull(f"the server has {self.num_waiting} requests waiting for their first token "
+                            f"(--max-waiting-requests {self.max_waiting_requests}); retry later")
+        tried: set[int] = set()
+        while True:
+            i = pick_replica(self.loads(), tried)
+            if i is None:
+                state = "loading" if not self.started else "down"
+                raise EngineUnavailable(f"no engine replica is serving (the model is {state}); retry later"
+                                        if state == "loading" else
+                                        f"no engine replica is serving ({self.num_replicas - self.num_healthy} of "
+                                        f"{self.num_replicas} down, restarting); retry later")
+            try:
+                return await self.replicas[i].add_request(request_id, prompt_token_ids, params, prompt, arrival)
+            except EngineUnavailable:
+                tried.add(i)  # it died before accepting the request: nothing ran, so another replica may take it
