@@ -292,7 +292,10 @@ class ShmCommunicator:
         raise (ShmCollectiveTimeout if timed_out else ShmCollectiveError)(self._broken)
 
     def _next(self, op: str) -> int:
-        if self._broken:
+        if self._broken or self._q[_W_ABORT]:
+            if not self._broken:
+                self._broken = (f"shared-memory {op} on {self.label}, rank {self.rank}: "
+                                f"rank {self._q[_W_ABORT] - 1} gave up (see its error)")
             raise ShmCollectiveError(self._broken)
         self._seq += 1
         return self._seq

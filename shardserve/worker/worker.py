@@ -43,7 +43,7 @@ class Worker:
         self.load_time_s = time.perf_counter() - t0
         self.runner: ModelRunner | None = None
         self.eos_token_ids = eos_token_ids
-        self.stage_timings = {"compute_s": 0.0, "send_s": 0.0, "recv_s": 0.0, "steps": 0}
+        self.stage_timings = {"compute_s": 0.0, "sample_s": 0.0, "send_s": 0.0, "recv_s": 0.0, "steps": 0}
         self.stage = pp.rank_in_group
         self.tracer = Tracer(bool(cfg.parallel.trace_file), pid=pstate.rank,
                              process_name=f"rank {pstate.rank} (stage {pp.rank_in_group}, tp {pstate.tp.rank_in_group})")
@@ -136,8 +136,11 @@ class Worker:
             tm["send_s"] += time.perf_counter() - t0
             return None
         # every TP rank of the last stage joins the LM head's all-gather (and samples identically); one returns
+        t0 = time.perf_counter()
         with self.tracer.span("sample", step=step):
             result = runner.sample(inputs, hidden, step)
+        tm["sample_s"] += time.perf_counter() - t0
+        timings[str(self.stage)] = dict(tm)
         if not self.is_driver:
             return None
         for stage, t in timings.items():

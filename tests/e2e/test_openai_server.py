@@ -170,8 +170,8 @@ def test_disconnect_aborts_and_frees_blocks(server):
         with c.stream("POST", f"{server.url}/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
             assert r.status_code == 200
-            events = 0
-            for line in r.iter_lines():
+            events, lines = 0, r.iter_lines()  # keep the iterator alive: dropping it closes the connection
+            for line in lines:
                 events += line.startswith("data: ")
                 if events >= 3:
                     break

@@ -29,7 +29,7 @@ def refs(checkpoint):
     def get(arch):
         if arch not in cache:
             path = checkpoint(arch)
-            prompts = prompts_for(1000, lengths=(1, 9, 33, 4, 17, 2))
+            prompts = prompts_for(1000, lengths=(1, 9, 33, 4, 17, 2, 11, 3))  # 8: pp=4 fills 4 micro-batches
             single = make_llm(path)
             seeded = [o.outputs[0].token_ids for o in single.generate(prompt_token_ids=prompts,
                                                                       sampling_params=SEEDED, use_tqdm=False)]
