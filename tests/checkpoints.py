@@ -113,31 +113,34 @@ MOE_ARCHS: dict[str, tuple[str, dict]] = {
 
 
 def build_moe_checkpoint(root: Path, name: str, seed: int = 0) -> Path:
-    """Write `transformers` MoE model `name` (MOE_ARCHS) with seeded random weights to root/name (once).
-
-    Experts and routers get larger weights than the default init (std 0.02), so that the MoE output dominates the
-    residual stream and routing has clear margins: a wrong expert, slice or routing weight changes the tokens."""
+    """Write `transformers` MoE model `name` (MOE_ARCHS) with seeded random weights to root/name (once)."""
     out = root / name
-    if (out / "config.json").exists():
-        return out
-    from transformers import AutoConfig, AutoModelForCausalLM
-    model_type, overrides = MOE_ARCHS[name]
-    cfg = AutoConfig.for_model(model_type, **{**BASE, **overrides})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight") or n.endswith(".bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-            elif ".experts." in n or ".shared_expert." in n:
-                p.normal_(0.0, 0.1)
-            elif n.endswith("mlp.gate.weight") or n.endswith("shared_expert_gate.weight"):
-                p.normal_(0.0, 0.5)
-    model.save_pretrained(out)
-    for f in tokenizer_dir(root).iterdir():
-        if f.is_file():
-            shutil.copy(f, out / f.name)
+    if not (out / "config.json").exists():
+        from transformers import AutoConfig, AutoModelForCausalLM
+        model_type, overrides = MOE_ARCHS[name]
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**BASE, **overrides}),
+                                                 dtype=torch.float32)
+        randomise_moe_weights(model)
+        model.save_pretrained(out)
+        for f in tokenizer_dir(root).iterdir():
+            if f.is_file():
+                shutil.copy(f, out / f.name)
     return out
+
+
+@torch.no_grad()
+def randomise_moe_weights(model: torch.nn.Module) -> None:
+    """Norms and biases off their defaults (1 and 0); experts and routers larger than the default init (std 0.02),
+    so the MoE output dominates the residual stream and routing has clear margins: a wrong expert, slice or
+    routing weight changes the tokens."""
+    for n, p in model.named_parameters():
+        if n.endswith("norm.weight") or n.endswith(".bias"):
+            p.add_(torch.randn_like(p) * 0.1)
+        elif ".experts." in n or ".shared_expert." in n:
+            p.normal_(0.0, 0.1)
+        elif n.endswith("mlp.gate.weight") or n.endswith("shared_expert_gate.weight"):
+            p.normal_(0.0, 0.5)
 
 
 def moe_vocab(name: str) -> int:

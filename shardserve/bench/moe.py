@@ -32,6 +32,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--allreduce", choices=["auto", "gloo", "shm"], default=None,
+                   help="all-reduce implementation of the ranks (default: $SHARDSERVE_ALLREDUCE, else auto)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are killed")
     p.add_argument("--output-json", default=None, help="write the results to this JSON file")
 
@@ -101,7 +103,8 @@ def _time_mode(spec: dict, pstate: Any, mode: str) -> tuple[list[dict], list[tor
         local_slots = int((experts.expert_map[ids] >= 0).sum())  # (token, k) slots this rank computes
         stats = torch.tensor([[elapsed, group.seconds / spec["iters"], float(local_slots)]], dtype=torch.float64)
         every = pstate.tp.all_gather(stats, dim=0)  # [ranks, 3]
-        rows.append({"mode": mode, "tokens": n, "layer_ms": 1e3 * every[:, 0].max().item(),
+        rows.append({"mode": mode, "tokens": n, "allreduce_impl": getattr(pstate.tp, "last_impl", "gloo"),
+                     "layer_ms": 1e3 * every[:, 0].max().item(),
                      "comm_ms": 1e3 * every[:, 1].mean().item(),
                      "allreduce_payload_bytes_per_token": group.bytes / spec["iters"] / n,
                      "slots_per_rank": [int(v) for v in every[:, 2].tolist()],
@@ -154,6 +157,7 @@ def _launch(spec: dict, n: int, timeout: float) -> None:
     procs = []
     for rank in range(n):
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]),
+               **({"SHARDSERVE_ALLREDUCE": spec["allreduce"]} if spec["allreduce"] else {}),
                SPEC_ENV: json.dumps({**spec, "rank": rank, "world_size": n, "init_method": init})}
         procs.append(subprocess.Popen([sys.executable, "-m", "shardserve.bench.moe"], env=env))
     deadline = time.monotonic() + timeout
@@ -177,6 +181,7 @@ def _launch(spec: dict, n: int, timeout: float) -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
+    print(f"all-reduce implementation: {sorted({r['allreduce_impl'] for r in rows})}")
     print(f"{'mode':<16}{'tokens':>7}{'layer ms':>10}{'comm ms':>9}{'AR payload':>12}{'AR sent':>9}"
           f"{'a2a sent':>10}{'a2a+AG':>8}  {'slots per rank':<18}max diff")
     for r in rows:
@@ -207,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         spec = {"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
                 "num_experts": args.num_experts, "top_k": args.top_k, "tokens": tokens, "iters": args.iters,
                 "warmup": args.warmup, "dtype": args.dtype, "threads": args.threads, "modes": modes,
+                "allreduce": args.allreduce,
                 "timeout": args.timeout, "out": os.path.join(tmp, "result.json")}
         t0 = time.perf_counter()
         _launch(spec, n, args.timeout)
@@ -218,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         r["alltoall_allgather_sent_bytes_per_token_per_rank"] = \
             r["alltoall_sent_bytes_per_token_per_rank"] + payload * (n - 1) / n
     print(f"MoE layer: hidden {args.hidden_size}, expert intermediate {args.intermediate_size}, "
-          f"{args.num_experts} experts, top-{args.top_k}, {args.dtype}, {n} CPU ranks (gloo), "
+          f"{args.num_experts} experts, top-{args.top_k}, {args.dtype}, {n} CPU ranks, "
           f"{args.threads} thread(s) each")
     _print_table(rows)
     res = {"config": {k: v for k, v in spec.items() if k not in ("out", "timeout")} | {"num_ranks": n},

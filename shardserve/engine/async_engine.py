@@ -244,7 +244,7 @@ class AsyncEngine:
         self.dead_reason = reason
         logger.error("replica %d (pid %s) died: %s", self.replica, self.pid, reason)
         self._fail_all(f"replica {self.replica} died while running this request ({reason}); "
-                       "the request was not completed, please retry it")
+                       "the request was not completed, please retry it", count=True)
         for t in self._tasks:
             if t is not asyncio.current_task():
                 t.cancel()
@@ -256,11 +256,14 @@ class AsyncEngine:
         if self.on_exit is not None:
             self.on_exit(self)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, count: bool = False) -> None:
+        now = time.monotonic()
         for rid, req in list(self._reqs.items()):
             if not req.finished:
                 req.finished = True
                 req.queue.put_nowait(EngineUnavailable(message))
+                if count and self.metrics is not None and req.acked.done() and not req.acked.cancelled():
+                    self.metrics.on_request_finished(self.replica, "error", now - req.arrival)
                 if not req.acked.done():
                     req.acked.set_exception(EngineUnavailable(message))
                     req.acked.exception()  # mark retrieved

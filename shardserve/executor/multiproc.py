@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 
@@ -42,12 +44,14 @@ class MultiprocExecutor(Executor):
         self._dead: str | None = None
         init_method = tcp_init_method(get_loopback_ip(), get_free_port())
         threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        self._err_dir = tempfile.mkdtemp(prefix="shardserve-ranks-")
         self.procs: list[subprocess.Popen] = []
         for rank in range(self.world_size):
             spec = {"rank": rank, "world_size": self.world_size, "init_method": init_method,
                     "config": engine_config_to_dict(cfg), "requests": self.requests.handle(),
                     "results": self.results.handle(), "results_rank": self.driver_rank,
-                    "layer_ranges": self.layer_ranges, "eos_token_ids": eos_token_ids, "threads": threads}
+                    "layer_ranges": self.layer_ranges, "eos_token_ids": eos_token_ids, "threads": threads,
+                    "error_file": os.path.join(self._err_dir, f"rank{rank}.err")}
             env = dict(os.environ, SHARDSERVE_WORKER_SPEC=json.dumps(spec), SHARDSERVE_RANK=str(rank),
                        OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
             self.procs.append(subprocess.Popen([sys.executable, "-m", "shardserve.worker.main"], env=env))
@@ -104,8 +108,18 @@ class MultiprocExecutor(Executor):
         for rank, p in enumerate(self.procs):
             code = p.poll()
             if code is not None:
-                self._dead = f"worker rank {rank} (pid {p.pid}) exited with code {code}"
+                self._dead = f"worker rank {rank} (pid {p.pid}) exited with code {code}{self._rank_error()}"
                 raise ExecutorError(self._dead)
+
+    def _rank_error(self) -> str:
+        """The first error a rank recorded before dying (the root cause; others then fail in collectives)."""
+        time.sleep(0.2)  # let a dying rank finish writing
+        for rank in range(self.world_size):
+            path = os.path.join(self._err_dir, f"rank{rank}.err")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    return f"; rank {rank} failed with {f.read().strip()}"
+        return ""
 
     def stats(self) -> dict[str, float]:
         """Cumulative per-stage compute/send/recv seconds (stage{i}_compute_s, ...) as of the last step."""
@@ -133,6 +147,7 @@ class MultiprocExecutor(Executor):
         self.requests.stop()
         self.requests.close()
         self.results.close()
+        shutil.rmtree(self._err_dir, ignore_errors=True)
 
     def __del__(self) -> None:
         try:

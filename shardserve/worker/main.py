@@ -89,8 +89,11 @@ def main() -> int:
     spec = json.loads(os.environ["SHARDSERVE_WORKER_SPEC"])
     try:
         return run_worker(spec)
-    except Exception:
+    except Exception as e:
         traceback.print_exc(file=sys.stderr)
+        if spec.get("error_file"):  # the engine reads this when it sees the rank die
+            with open(spec["error_file"], "w") as f:
+                f.write(f"{type(e).__name__}: {e}")
         return 1
 
 

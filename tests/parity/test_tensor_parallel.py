@@ -97,3 +97,30 @@ def test_impossible_layouts_are_refused(checkpoint):
     path = checkpoint("llama")  # 4 heads, 2 KV heads
     with pytest.raises((ConfigError, ValueError), match="num_attention_heads"):
         make_llm(path, 3)
+
+
+def test_rank_start_up_error_is_reported(checkpoint, tmp_path):
+    """A rank that cannot load its shard makes start-up fail with that rank's own error, not a hang."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint("llama"), bad)
+    weights = load_file(bad / "model.safetensors")
+    del weights["model.layers.3.mlp.down_proj.weight"]
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match="rank \\d failed with ValueError: checkpoint is missing weights"):
+        make_llm(bad, 2)
+
+
+def test_two_engines_on_one_host_do_not_collide(checkpoint):
+    path = checkpoint("llama")
+    a, b = make_llm(path, 2), make_llm(path, 2)
+    try:
+        p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        out_a = a.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=p, use_tqdm=False)
+        out_b = b.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=p, use_tqdm=False)
+        assert out_a[0].outputs[0].token_ids == out_b[0].outputs[0].token_ids
+        assert a.engine.executor.requests.name != b.engine.executor.requests.name
+    finally:
+        a.shutdown()
+        b.shutdown()

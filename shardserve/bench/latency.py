@@ -1,0 +1,154 @@
+"""`shardserve bench latency`: prefill latency and per-token decode latency (TPOT) of one batch at fixed prompt and
+output lengths, per batch size, and the share of decode time the driver rank spends in collectives.
+
+Each measurement adds `batch` requests of `--input-len` random prompt tokens (fresh tokens every run, so the
+prefix cache never helps) with `max_tokens=--output-len, ignore_eos`, then steps the engine until they finish:
+
+    prefill_ms   wall time of the steps that still compute prompt tokens (until every sequence has its first token)
+    tpot_ms      mean wall time of a pure decode step (one new token for every sequence)
+    comm_share   collective time / wall time over the decode steps, from the driver rank's cumulative counters
+                 (`collective_stats()` of parallel_state, switched on here with SHARDSERVE_COMM_TIMING=1 and
+                 reported in ModelRunnerOutput.timings["comm_s"]); "n/a" when the worker does not report them
+
+Results are the median over --iters runs after one warm-up run per batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from typing import Any
+
+__all__ = ["add_args", "run"]
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from shardserve.engine.args import EngineArgs
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=32, help="generated tokens per request (ignore_eos)")
+    p.add_argument("--batch-sizes", default="1,16", help="comma list of batch sizes")
+    p.add_argument("--iters", type=int, default=3, help="measured runs per batch size (after one warm-up)")
+    p.add_argument("--allreduce", choices=["auto", "gloo", "shm"], default=None,
+                   help="CPU collective path for the ranks (sets SHARDSERVE_ALLREDUCE; default: as set, else auto)")
+    p.add_argument("--no-comm-timing", action="store_true", help="do not time collectives (SHARDSERVE_COMM_TIMING)")
+    p.add_argument("--output-json", default=None, help="write the results to this JSON file")
+    EngineArgs.add_cli_args(p)
+
+
+class _StepRecorder:
+    """Wraps executor.execute_model to keep each step's scheduler output and driver timings."""
+
+    def __init__(self, executor: Any) -> None:
+        self.inner = executor.execute_model
+        self.last: tuple[Any, dict] | None = None
+        executor.execute_model = self  # an instance attribute shadows the method for this engine only
+
+    def __call__(self, out: Any) -> Any:
+        result = self.inner(out)
+        self.last = (out, dict(result.timings))
+        return result
+
+
+def _one_run(engine: Any, rec: _StepRecorder, prompts: list[list[int]], output_len: int, tag: str) -> dict:
+    from shardserve.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", None, params, prompt_token_ids=p)
+    prefill_s, decode_s, decode_steps, comm_s, comm_calls = 0.0, [], 0, 0.0, 0.0
+    have_comm = True
+    prev: dict | None = None
+    while engine.has_unfinished_requests():
+        rec.last = None
+        t0 = time.perf_counter()
+        outs = engine.step()
+        wall = time.perf_counter() - t0
+        if any(o.error for o in outs):
+            raise RuntimeError(next(o.error for o in outs if o.error))
+        if rec.last is None:
+            continue
+        sched, timings = rec.last
+        decode = all(len(s.token_ids) == 1 and s.start_pos >= len(prompts[0]) for s in sched.seqs)
+        now = timings.get("comm_s")
+        have_comm = have_comm and now is not None
+        if decode:
+            decode_s.append(wall)
+            if have_comm and prev is not None:
+                comm_s += now - prev["comm_s"]
+                comm_calls += timings["comm_calls"] - prev["comm_calls"]
+        else:
+            prefill_s += wall
+        prev = timings if now is not None else None
+    total_decode = sum(decode_s)
+    n = max(1, len(decode_s))
+    return {"prefill_ms": prefill_s * 1e3, "tpot_ms": total_decode / n * 1e3, "decode_steps": len(decode_s),
+            "comm_share": comm_s / total_decode if have_comm and total_decode else None,
+            "comm_ms_per_step": comm_s / n * 1e3 if have_comm else None,
+            "comm_calls_per_step": comm_calls / n if have_comm else None}
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if r[key] is not None]
+    return statistics.median(vals) if vals else None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from shardserve.bench.comm import _hardware
+    from shardserve.distributed.parallel_state import enable_collective_timing
+    from shardserve.engine.args import EngineArgs
+    from shardserve.entrypoints.llm import LLM
+    batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    if not batch_sizes or min(batch_sizes) < 1 or args.input_len < 1 or args.output_len < 2 or args.iters < 1:
+        raise ValueError("need --batch-sizes >= 1, --input-len >= 1, --output-len >= 2 (one decode step) and "
+                         "--iters >= 1")
+    if args.allreduce:
+        os.environ["SHARDSERVE_ALLREDUCE"] = args.allreduce  # inherited by the rank processes
+    if not args.no_comm_timing:
+        os.environ["SHARDSERVE_COMM_TIMING"] = "1"
+        enable_collective_timing(True)  # ranks in this process (tp = 1)
+    eargs = EngineArgs.from_cli(args)
+    llm = LLM(**vars(eargs), use_tqdm_on_load=False)
+    try:
+        engine = llm.engine
+        rec = _StepRecorder(engine.executor)
+        tok = llm.get_tokenizer()
+        vocab = min(len(tok), engine.cfg.model.vocab_size)
+        pool = [t for t in range(vocab) if t not in set(tok.all_special_ids)]
+        rng = random.Random(0)
+        rows = []
+        for b in batch_sizes:
+            runs = []
+            for it in range(args.iters + 1):  # run 0 warms up
+                prompts = [[rng.choice(pool) for _ in range(args.input_len)] for _ in range(b)]
+                r = _one_run(engine, rec, prompts, args.output_len, f"b{b}-{it}")
+                if it:
+                    runs.append(r)
+            row = {"batch_size": b, "input_len": args.input_len, "output_len": args.output_len,
+                   **{k: _median(runs, k) for k in runs[0]}, "runs": runs}
+            row["decode_tok_s"] = b / row["tpot_ms"] * 1e3 if row["tpot_ms"] else None
+            rows.append(row)
+    finally:
+        llm.shutdown()
+    tp = eargs.tensor_parallel_size
+    mode = os.environ.get("SHARDSERVE_ALLREDUCE", "auto") if tp > 1 else "-"
+    print(f"\nbench latency: tp={tp} pp={eargs.pipeline_parallel_size} allreduce={mode}, input {args.input_len}, "
+          f"output {args.output_len}, median of {args.iters} runs ({_hardware()})")
+    print(f"{'batch':>5} {'prefill ms':>11} {'TPOT ms':>8} {'decode tok/s':>13} {'comm share':>11} "
+          f"{'comm ms/step':>13} {'calls/step':>11}")
+    for r in rows:
+        share = f"{r['comm_share'] * 100:.1f}%" if r["comm_share"] is not None else "n/a"
+        cms = f"{r['comm_ms_per_step']:.2f}" if r["comm_ms_per_step"] is not None else "n/a"
+        calls = f"{r['comm_calls_per_step']:.0f}" if r["comm_calls_per_step"] is not None else "n/a"
+        print(f"{r['batch_size']:>5} {r['prefill_ms']:>11.1f} {r['tpot_ms']:>8.2f} {r['decode_tok_s']:>13.1f} "
+              f"{share:>11} {cms:>13} {calls:>11}")
+    if tp > 1 and rows and rows[0]["comm_share"] is None and not args.no_comm_timing:
+        print("comm share n/a: the driver rank does not report collective_stats() in its step timings")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"tp": tp, "pp": eargs.pipeline_parallel_size, "allreduce": mode, "hardware": _hardware(),
+                       "torch": torch.__version__, "model": engine.cfg.model.model, "results": rows}, f, indent=2)
+    return 0
