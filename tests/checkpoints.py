@@ -145,3 +145,32 @@ def randomise_moe_weights(model: torch.nn.Module) -> None:
 
 def moe_vocab(name: str) -> int:
     return MOE_ARCHS[name][1].get("vocab_size", BASE["vocab_size"])
+
+
+def engine_llm(path, **kw):
+    """An LLM on CPU in fp32 with a small KV cache: the settings every parity test uses."""
+    from shardserve import LLM
+    kw.setdefault("kv_cache_memory", "2MiB")
+    kw.setdefault("dtype", "float32")
+    return LLM(model=str(path), device="cpu", use_tqdm_on_load=False, **kw)
+
+
+class References:
+    """Per-architecture references, computed once per test module: the prompts, transformers' greedy tokens and
+    last logits, and the single-device engine's seeded samples (which every layout must reproduce)."""
+
+    def __init__(self, checkpoint, seeded, lengths, new_tokens: int = 16) -> None:
+        self.checkpoint, self.seeded, self.lengths, self.new_tokens = checkpoint, seeded, lengths, new_tokens
+        self.cache: dict = {}
+
+    def __call__(self, arch: str):
+        if arch not in self.cache:
+            path = self.checkpoint(arch)
+            vocab = ARCHS.get(arch, ("", {}))[1].get("vocab_size", 1000)
+            prompts = prompts_for(vocab, lengths=self.lengths)
+            single = engine_llm(path)
+            outs = single.generate(prompt_token_ids=prompts, sampling_params=self.seeded, use_tqdm=False)
+            single.shutdown()
+            self.cache[arch] = (path, prompts, hf_greedy(path, prompts, self.new_tokens),
+                                hf_last_logits(path, prompts), [o.outputs[0].token_ids for o in outs])
+        return self.cache[arch]

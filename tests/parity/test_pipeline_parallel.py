@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from checkpoints import assert_top_logprobs_close, hf_greedy, hf_last_logits, prompts_for
-from shardserve import LLM, SamplingParams
+from checkpoints import References, assert_top_logprobs_close, engine_llm, prompts_for
+from shardserve import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiproc")]
 
@@ -17,26 +17,13 @@ SEEDED = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=8, seed=7, ignor
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=20)
 
 
-def make_llm(path, **kw) -> LLM:
-    kw.setdefault("kv_cache_memory", "2MiB")
-    return LLM(model=str(path), dtype="float32", device="cpu", use_tqdm_on_load=False, **kw)
+make_llm = engine_llm
 
 
 @pytest.fixture(scope="module")
 def refs(checkpoint):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            path = checkpoint(arch)
-            prompts = prompts_for(1000, lengths=(1, 9, 33, 4, 17, 2, 11, 3))  # 8: pp=4 fills 4 micro-batches
-            single = make_llm(path)
-            seeded = [o.outputs[0].token_ids for o in single.generate(prompt_token_ids=prompts,
-                                                                      sampling_params=SEEDED, use_tqdm=False)]
-            single.shutdown()
-            cache[arch] = (path, prompts, hf_greedy(path, prompts, NEW_TOKENS), hf_last_logits(path, prompts), seeded)
-        return cache[arch]
-    return get
+    # 8 prompts: pp=4 fills 4 micro-batches
+    return References(checkpoint, SEEDED, lengths=(1, 9, 33, 4, 17, 2, 11, 3), new_tokens=NEW_TOKENS)
 
 
 DEVICE_MAP = json.dumps({"model.embed_tokens": 0, "model.layers.0-1": 1, "model.layers.2-3": 2, "lm_head": 3})

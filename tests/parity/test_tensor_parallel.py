@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from checkpoints import ARCHS, assert_top_logprobs_close, hf_greedy, hf_last_logits, prompts_for
+from checkpoints import ARCHS, References, assert_top_logprobs_close, engine_llm
 from shardserve import LLM, SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiproc")]
@@ -21,8 +21,7 @@ SEEDED = SamplingParams(temperature=0.9, top_k=50, max_tokens=8, seed=42, ignore
 
 
 def make_llm(path, tp: int, **kw) -> LLM:
-    kw.setdefault("kv_cache_memory", "2MiB")
-    return LLM(model=str(path), dtype="float32", device="cpu", tensor_parallel_size=tp, use_tqdm_on_load=False, **kw)
+    return engine_llm(path, tensor_parallel_size=tp, **kw)
 
 
 def run_layout(path, prompts, **kw):
@@ -38,19 +37,7 @@ def run_layout(path, prompts, **kw):
 
 @pytest.fixture(scope="module")
 def references(checkpoint):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            path = checkpoint(arch)
-            prompts = prompts_for(ARCHS[arch][1].get("vocab_size", 1000), lengths=(1, 9, 33))
-            single = make_llm(path, 1)
-            seeded = [o.outputs[0].token_ids for o in single.generate(prompt_token_ids=prompts,
-                                                                      sampling_params=SEEDED, use_tqdm=False)]
-            single.shutdown()
-            cache[arch] = (path, prompts, hf_greedy(path, prompts, NEW_TOKENS), hf_last_logits(path, prompts), seeded)
-        return cache[arch]
-    return get
+    return References(checkpoint, SEEDED, lengths=(1, 9, 33), new_tokens=NEW_TOKENS)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
