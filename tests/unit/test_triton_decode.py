@@ -9,8 +9,6 @@ import pytest
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-triton = pytest.importorskip("triton", reason="triton is a test dependency; install shardserve[test]")
-
 from shardserve.layers.attention.base import AttentionMetadata  # noqa: E402
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from shardserve.layers.attention.triton_backend import paged_decode  # noqa: E402
