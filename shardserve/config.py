@@ -227,11 +227,20 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, device: str) -> Non
         raise ConfigError(f"--pipeline-parallel-size {pp} exceeds the model's {model.num_layers} layers; "
                           f"use at most {model.num_layers}")
     experts = model.hf_config.get("num_local_experts") or model.hf_config.get("num_experts")
+    if experts and not par.enable_expert_parallel:
+        cfg = model.hf_config
+        for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+            size = cfg.get(key) or (cfg.get("intermediate_size") if key == "moe_intermediate_size" else None)
+            if size and size % tp:
+                raise ConfigError(f"--tensor-parallel-size {tp}: the experts' {key} ({size}) is not divisible by "
+                                  f"{tp}; pick a tp that divides it, or add --enable-expert-parallel to keep "
+                                  "experts whole")
     if par.enable_expert_parallel:
         if not experts:
             raise ConfigError("--enable-expert-parallel needs a mixture-of-experts model; this one has no experts")
         if experts % tp:
-            ok = [d for d in range(1, experts + 1) if experts % d == 0 and heads % d == 0]
+            ok = [d for d in range(1, experts + 1) if experts % d == 0 and heads % d == 0
+                  and (kv % d == 0 or d % kv == 0)]
             raise ConfigError(f"--enable-expert-parallel with -tp {tp}: {experts} experts are not divisible by the "
                               f"expert-parallel size {tp}; valid sizes: {', '.join(map(str, ok))}")
     world = tp * pp

@@ -1,6 +1,7 @@
-"""`shardserve bench moe`: one MoE layer (Mixtral-shaped by default, random weights) on N CPU ranks (gloo), with
-tensor-parallel experts and with expert parallelism (linear and round-robin placement): layer time, time in the
-collective, bytes moved per token, expert-slot balance across ranks, and a check that every layout gives the same
+"""`shardserve bench moe`: one MoE layer on N CPU ranks, tensor-parallel experts vs expert parallelism.
+
+Mixtral-shaped by default (random weights): layer time, time in the all-reduce, bytes moved per token (and what an
+all-to-all would move for the same routing), expert slots per rank, and a check that every layout gives the same
 output. Ranks are separate processes (`python -m shardserve.bench.moe` with a JSON spec in the environment)."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-experts", type=int, default=8, help="routed experts")
     p.add_argument("--top-k", type=int, default=2, help="experts per token")
     p.add_argument("--tokens", default="1,16,256,1024", help="comma-separated batch sizes (tokens per step)")
-    p.add_argument("--iters", type=int, default=10, help="timed forwards per batch size and mode")
+    p.add_argument("--iters", type=int, default=10, help="timed forwards per batch size and mode (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards first")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -93,15 +95,18 @@ def _time_mode(spec: dict, pstate: Any, mode: str) -> tuple[list[dict], list[tor
         with torch.inference_mode():
             for _ in range(spec["warmup"]):
                 out = block(x)
-            pstate.tp.barrier()
-            group.bytes, group.seconds = 0, 0.0
-            t0 = time.perf_counter()
-            for _ in range(spec["iters"]):
+            group.bytes = 0
+            layer_s, comm_s = [], []
+            for _ in range(spec["iters"]):  # each forward starts together; the median resists a busy host
+                pstate.tp.barrier()
+                group.seconds = 0.0
+                t0 = time.perf_counter()
                 out = block(x)
-            elapsed = (time.perf_counter() - t0) / spec["iters"]
+                layer_s.append(time.perf_counter() - t0)
+                comm_s.append(group.seconds)
             _, ids = select_experts(block.gate(x), experts.top_k, True)
         local_slots = int((experts.expert_map[ids] >= 0).sum())  # (token, k) slots this rank computes
-        stats = torch.tensor([[elapsed, group.seconds / spec["iters"], float(local_slots)]], dtype=torch.float64)
+        stats = torch.tensor([[_median(layer_s), _median(comm_s), float(local_slots)]], dtype=torch.float64)
         every = pstate.tp.all_gather(stats, dim=0)  # [ranks, 3]
         rows.append({"mode": mode, "tokens": n, "allreduce_impl": getattr(pstate.tp, "last_impl", "gloo"),
                      "layer_ms": 1e3 * every[:, 0].max().item(),
@@ -112,6 +117,10 @@ def _time_mode(spec: dict, pstate: Any, mode: str) -> tuple[list[dict], list[tor
                          _alltoall_sent_bytes(ids, pstate.tp.world_size, placement, spec) / n})
         outputs.append(out.float())
     return rows, outputs
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def _alltoall_sent_bytes(ids: torch.Tensor, ranks: int, placement: str, spec: dict) -> float:
@@ -162,22 +171,22 @@ def _launch(spec: dict, n: int, timeout: float) -> None:
         procs.append(subprocess.Popen([sys.executable, "-m", "shardserve.bench.moe"], env=env))
     deadline = time.monotonic() + timeout
     try:
-        while any(p.poll() is None for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed:
-                raise RuntimeError(f"bench moe: rank(s) {failed} failed (exit codes "
-                                   f"{[procs[i].returncode for i in failed]}); see their output above")
+        while (codes := [p.poll() for p in procs]).count(0) < n:
+            if any(c not in (None, 0) for c in codes):
+                raise RuntimeError(f"bench moe: ranks exited with codes {codes} (None: still running); "
+                                   "see their output above")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"bench moe: ranks still running after {timeout:.0f} s; killed")
             time.sleep(0.05)
-        bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
-        if bad:
-            raise RuntimeError(f"bench moe: ranks failed: {bad}")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill([p for p in procs if p.poll() is None])
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait()
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -195,7 +204,6 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shardserve.layers.moe import local_experts
     n = args.num_ranks
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -206,7 +214,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"--num-ranks {n} must be >= 2 and divide --num-experts ({args.num_experts}) and "
               f"--intermediate-size ({args.intermediate_size})", file=sys.stderr)
         return 2
-    local_experts(args.num_experts, n, 0)  # validates the layout
+    if not 1 <= args.top_k <= args.num_experts:
+        print(f"--top-k {args.top_k} must be between 1 and --num-experts ({args.num_experts})", file=sys.stderr)
+        return 2
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     with tempfile.TemporaryDirectory(prefix="ss_bench_moe_") as tmp:
         spec = {"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
@@ -232,8 +242,7 @@ def run(args: argparse.Namespace) -> int:
            "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "torch": torch.__version__, "argv": sys.argv}
     if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(res, f, indent=2)
+        Path(args.output_json).write_text(json.dumps(res, indent=2))
     return 0
 
 

@@ -1,6 +1,4 @@
-"""Mixture-of-experts layers: the top-k router, experts computed grouped by expert, their spread over the ranks
-of a stage (tensor-parallel slices of every expert, or whole experts per expert-parallel rank) and per-expert
-token counts.
+"""Mixture-of-experts layers: top-k router, experts grouped by expert, TP-expert / expert-parallel spread, counts.
 
 Both layouts keep the hidden states replicated on every rank of the stage (attention is tensor-parallel, so each
 rank already holds every token). Each rank runs the router on all tokens (same input, same weights: the same
@@ -74,7 +72,7 @@ def grouped_expert_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     expert held by another rank (skipped). The (token, k) slots are sorted by expert so each expert runs one
     matmul over all of its tokens; an expert that receives no token costs nothing. Returns [tokens, hidden].
     """
-    tokens, top_k = topk_local_ids.shape
+    top_k = topk_local_ids.shape[1]
     num_local = w13.shape[0]
     out = torch.zeros_like(x)  # [tokens, hidden]
     flat = topk_local_ids.reshape(-1)  # [tokens * top_k]
@@ -173,10 +171,6 @@ class FusedMoE(nn.Module):
         self.act_fn = get_act_fn(hidden_act)
         self._local_index = {e: i for i, e in enumerate(self.owned)}
         self._loaded: set[tuple[int, str]] = set()
-
-    @property
-    def ep_mode(self) -> bool:
-        return self.tp_size == 1 and len(self.owned) < self.num_experts
 
     def owns(self, expert: int) -> bool:
         return expert in self._local_index

@@ -1,5 +1,4 @@
-"""Mixture-of-experts causal LMs on the Llama stack: `MoEForCausalLM` (decoder layers whose MLP is a sparse MoE
-block, expert-aware `wants` and loading of per-expert or fused expert tensors) and Mixtral on top of it."""
+"""MoE causal LMs on the Llama stack (`MoEForCausalLM`: sparse MoE blocks, expert-aware loading) and Mixtral."""
 from __future__ import annotations
 
 from dataclasses import replace

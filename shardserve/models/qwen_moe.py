@@ -1,5 +1,4 @@
-"""Qwen2-MoE (q/k/v bias, shared expert behind a sigmoid gate, dense layers by `decoder_sparse_step` /
-`mlp_only_layers`) and Qwen3-MoE (per-head q/k RMSNorm, no shared expert), on the MoE model base."""
+"""Qwen2-MoE (gated shared expert, q/k/v bias, dense layers) and Qwen3-MoE (q/k norm) on the MoE model base."""
 from __future__ import annotations
 
 from typing import Any

@@ -14,17 +14,20 @@ NEW_TOKENS = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=20)
 SEEDED = SamplingParams(temperature=0.9, top_k=50, max_tokens=8, seed=42, ignore_eos=True)
 
-# Every architecture at tp = 2 with TP experts and with EP; ep = 4 and pp = 2 × ep = 2 on a subset, to keep the
-# number of multi-rank engine start-ups (5-10 s each here) modest.
+# Every architecture with TP experts (tp = 2) and at ep = 4; ep = 2 alone for Mixtral and Qwen3-MoE (both placements
+# covered) and under pp = 2 for Mixtral and Qwen2-MoE. Ten multi-rank engine start-ups (5-10 s each here), so every
+# layout runs all prompts in one generate call per sampling mode.
 LAYOUTS = [
     ("mixtral", dict(tp=2)),
     ("mixtral", dict(tp=2, enable_expert_parallel=True)),
     ("mixtral", dict(tp=4, enable_expert_parallel=True, expert_placement="round_robin")),  # one expert per rank
+    ("mixtral", dict(tp=2, enable_expert_parallel=True, pipeline_parallel_size=2)),  # one MoE layer per stage
     ("qwen2_moe", dict(tp=2)),
     ("qwen2_moe", dict(tp=4, enable_expert_parallel=True)),
     ("qwen2_moe", dict(tp=2, enable_expert_parallel=True, pipeline_parallel_size=2)),
     ("qwen3_moe", dict(tp=2)),
     ("qwen3_moe", dict(tp=2, enable_expert_parallel=True, expert_placement="round_robin")),
+    ("qwen3_moe", dict(tp=4, enable_expert_parallel=True)),
 ]
 
 

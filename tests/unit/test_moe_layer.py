@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from shardserve.layers.lazy_tensor import LazyTensor
-from shardserve.layers.moe import (FusedMoE, SparseMoeBlock, collect_expert_counts, grouped_expert_forward,
-                                   local_experts, parse_expert_weight, reset_expert_counts, select_experts)
+from shardserve.layers.moe import (ExpertWeight, FusedMoE, SparseMoeBlock, collect_expert_counts,
+                                   grouped_expert_forward, local_experts, parse_expert_weight, reset_expert_counts,
+                                   select_experts)
 from shardserve.models.base import ModelShard
 
 H, I, E, K = 16, 12, 4, 2
@@ -138,8 +139,7 @@ def test_missing_expert_weights_are_reported():
 def test_parse_expert_weight_names():
     p = parse_expert_weight
     assert p("model.layers.3.block_sparse_moe.experts.5.w3.weight").shard_id == "w3"
-    assert p("model.layers.3.mlp.experts.5.down_proj.weight") == \
-        type(p("x.experts.0.w1.weight"))("model.layers.3.mlp.experts", 5, "w2")
+    assert p("model.layers.3.mlp.experts.5.down_proj.weight") == ExpertWeight("model.layers.3.mlp.experts", 5, "w2")
     assert p("model.layers.0.mlp.experts.gate_up_proj").expert is None
     assert p("model.layers.0.mlp.shared_expert.gate_proj.weight") is None
     assert p("model.layers.0.mlp.gate.weight") is None
