@@ -148,7 +148,11 @@ class LLMEngine:
                 "prompt_tokens": self.stats["prompt_tokens"], "generation_tokens": self.stats["generation_tokens"],
                 "steps": self.stats["steps"], "prefix_cache_queries": bm.prefix_cache_queries,
                 "prefix_cache_hits": bm.prefix_cache_hits, "num_blocks": bm.num_total_blocks,
-                **{f"executor_{k}": v for k, v in self.executor.stats().items()}}
+                **{f"executor_{k}": v for k, v in self.executor.stats().items() if k.startswith("stage")}}
+
+    def expert_counts(self) -> dict[int, list[int]]:
+        """MoE models: layer → tokens routed to each expert so far (the load imbalance users ask about)."""
+        return self.executor.expert_counts()
 
     @property
     def num_blocks(self) -> int:

@@ -109,14 +109,16 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[int, list[dict | None]] = field(default_factory=dict)
     step_id: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    expert_counts: dict[int, list[int]] = field(default_factory=dict)  # MoE layer → tokens per expert (cumulative)
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq_ids": self.seq_ids, "token_ids": self.token_ids, "logprobs": self.logprobs,
                 "prompt_logprobs": [[k, v] for k, v in self.prompt_logprobs.items()],
-                "step_id": self.step_id, "timings": self.timings}
+                "step_id": self.step_id, "timings": self.timings,
+                "expert_counts": [[k, v] for k, v in self.expert_counts.items()]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelRunnerOutput":
         return cls(seq_ids=d["seq_ids"], token_ids=d["token_ids"], logprobs=d["logprobs"],
                    prompt_logprobs={k: v for k, v in d["prompt_logprobs"]}, step_id=d["step_id"],
-                   timings=d.get("timings", {}))
+                   timings=d.get("timings", {}), expert_counts={k: v for k, v in d.get("expert_counts", [])})

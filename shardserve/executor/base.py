@@ -29,14 +29,22 @@ class Executor(ABC):
 
     def collect(self) -> ModelRunnerOutput:
         """Result of the oldest submitted step."""
+        self.last_result = self._pending
         return self._pending
+
+    last_result: ModelRunnerOutput | None = None
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative per-stage compute/sample/send/recv seconds (stage{i}_compute_s, ...) as of the last step."""
+        return dict(self.last_result.timings) if self.last_result is not None else {}
+
+    def expert_counts(self) -> dict[int, list[int]]:
+        """MoE layer → tokens routed to each expert so far (all stages)."""
+        return dict(self.last_result.expert_counts) if self.last_result is not None else {}
 
     @property
     def max_in_flight(self) -> int:
         return 1
-
-    def stats(self) -> dict[str, float]:
-        return {}
 
     def shutdown(self) -> None:
         pass

@@ -79,9 +79,8 @@ class MultiprocExecutor(Executor):
     def collect(self) -> ModelRunnerOutput:
         self._pending.popleft()
         msg = self._receive(None, what="a step")
-        result = ModelRunnerOutput.from_dict(msg["result"])
-        self._last_timings = result.timings
-        return result
+        self.last_result = ModelRunnerOutput.from_dict(msg["result"])
+        return self.last_result
 
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.submit(out)
@@ -120,10 +119,6 @@ class MultiprocExecutor(Executor):
                 with open(path) as f:
                     return f"; rank {rank} failed with {f.read().strip()}"
         return ""
-
-    def stats(self) -> dict[str, float]:
-        """Cumulative per-stage compute/send/recv seconds (stage{i}_compute_s, ...) as of the last step."""
-        return {k: v for k, v in getattr(self, "_last_timings", {}).items() if k.startswith("stage")}
 
     def shutdown(self) -> None:
         if not self.procs:

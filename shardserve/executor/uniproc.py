@@ -23,9 +23,6 @@ class UniprocExecutor(Executor):
         assert result is not None
         return result
 
-    def stats(self) -> dict[str, float]:
-        return {f"stage0_{k}": v for k, v in self.worker.stage_timings.items()}
-
     def shutdown(self) -> None:
         self.worker.close()
         if self.cfg.parallel.trace_file:

@@ -48,6 +48,8 @@ class Worker:
         self.tracer = Tracer(bool(cfg.parallel.trace_file), pid=pstate.rank,
                              process_name=f"rank {pstate.rank} (stage {pp.rank_in_group}, tp {pstate.tp.rank_in_group})")
         self._pending_sends: list = []
+        from shardserve.layers.moe import FusedMoE
+        self.has_moe = any(isinstance(m, FusedMoE) for m in self.model.modules())
 
     # --- KV cache ----------------------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -72,6 +74,9 @@ class Worker:
         n = min(self.cfg.scheduler.max_num_batched_tokens, self.cfg.model.max_model_len)
         self._dummy_forward(n)
         torch.cuda.synchronize()
+        if self.has_moe:  # the profiling run must not show up in the per-expert counts
+            from shardserve.layers.moe import reset_expert_counts
+            reset_expert_counts(self.model)
         total = torch.cuda.get_device_properties(self.device).total_memory
         peak = torch.cuda.max_memory_allocated()
         return int(total * self.cfg.cache.gpu_memory_utilization - peak)
@@ -126,6 +131,9 @@ class Worker:
         tm["compute_s"] += time.perf_counter() - t0
         tm["steps"] += 1
         timings = {**upstream, str(self.stage): dict(tm)}
+        if self.has_moe:  # cumulative tokens per expert of this stage's MoE layers, keyed "e<layer>"
+            from shardserve.layers.moe import collect_expert_counts
+            timings.update({f"e{layer}": counts for layer, counts in collect_expert_counts(self.model).items()})
         if not self.shard.is_last_stage:
             t0 = time.perf_counter()
             with self.tracer.span("send", tid=1, step=step):
@@ -143,9 +151,11 @@ class Worker:
         timings[str(self.stage)] = dict(tm)
         if not self.is_driver:
             return None
-        for stage, t in timings.items():
-            for k, v in t.items():
-                result.timings[f"stage{stage}_{k}"] = v
+        for key, t in timings.items():
+            if key.startswith("e"):
+                result.expert_counts[int(key[1:])] = t
+            else:
+                result.timings.update({f"stage{key}_{k}": v for k, v in t.items()})
         return result
 
     def close(self) -> None:

@@ -46,7 +46,6 @@ def generate(llm: LLM, prompts):
 def references(ckpt_root):
     """Per architecture: checkpoint, prompts, transformers greedy tokens and last logits, and a tp = 1 engine run
     (greedy outputs, seeded samples, per-expert counts of the greedy run)."""
-    from shardserve.layers.moe import collect_expert_counts, reset_expert_counts
     cache = {}
 
     def get(arch):
@@ -55,10 +54,8 @@ def references(ckpt_root):
             prompts = prompts_for(moe_vocab(arch), lengths=(1, 9, 33))
             llm = make_llm(path)
             try:
-                model = llm.engine.executor.worker.model
-                reset_expert_counts(model)
                 greedy = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
-                counts = collect_expert_counts(model)
+                counts = llm.engine.expert_counts()  # cumulative since start: the greedy run only
                 seeded = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts,
                                                                        sampling_params=SEEDED, use_tqdm=False)]
             finally:
@@ -100,10 +97,14 @@ def test_layout_matches_transformers(references, arch, layout):
     try:
         greedy, seeded = generate(llm, ref["prompts"])
         read = llm.engine.executor.bytes_read_per_rank
+        counts = llm.engine.expert_counts()  # every stage's layers, after greedy + seeded runs
     finally:
         llm.shutdown()
     check_greedy(greedy, ref)
     assert seeded == ref["seeded"]
+    assert sorted(counts) == sorted(ref["counts"])  # the same MoE layers, from whichever stage holds them
+    for layer, ref_counts in ref["counts"].items():  # the greedy run's routing, plus the seeded run's on top
+        assert all(c >= r for c, r in zip(counts[layer], ref_counts)) and sum(counts[layer]) > sum(ref_counts)
     world = layout["tp"] * layout.get("pipeline_parallel_size", 1)
     total = sum(f.stat().st_size for f in ref["path"].glob("*.safetensors"))
     assert len(read) == world
