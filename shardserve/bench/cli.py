@@ -7,6 +7,7 @@ import importlib
 BENCHES = {
     "throughput": ("shardserve.bench.throughput", "offline tokens/s on a random workload (--compare-hf)"),
     "pipeline": ("shardserve.bench.pipeline", "pipeline bubble with 1 vs pp micro-batches in flight"),
+    "serve": ("shardserve.bench.serve", "load a running server: request/token throughput, TTFT, TPOT, ITL"),
     "moe": ("shardserve.bench.moe", "MoE layer: TP experts vs expert parallelism (time, bytes moved)"),
 }
 

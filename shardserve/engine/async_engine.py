@@ -222,7 +222,7 @@ class AsyncEngine:
             except Exception:
                 pass
         if self.proc is not None:
-            deadline = time.monotonic() + 10.0
+            deadline = time.monotonic() + (10.0 if was == "ready" else 0.0)  # a core still starting is just killed
             while self.proc.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             self._kill()
@@ -296,11 +296,15 @@ class AsyncEngine:
         max_model_len = int(self.engine_args.get("max_model_len") or 0) or None
         max_tokens = params.max_tokens if params.max_tokens is not None else \
             max(1, (max_model_len or len(ids) + 1) - len(ids))
+        try:
+            msg = pack({"t": "add", "id": request_id, "prompt_token_ids": ids, "params": params.to_dict()})
+        except (OverflowError, TypeError, ValueError) as e:  # e.g. an id beyond 64 bits: never reaches the core
+            raise RequestRejected(f"the request cannot be encoded: {e}") from None
         req = _Req(asyncio.Queue(), len(ids), max_tokens, params.n, arrival or time.monotonic(),
                    asyncio.get_running_loop().create_future())
         self._reqs[request_id] = req
         self._acc.add(request_id, prompt, ids, params.n, params.logprobs is not None)
-        self._writer.write(pack({"t": "add", "id": request_id, "prompt_token_ids": ids, "params": params.to_dict()}))
+        self._writer.write(msg)
         stream = RequestStream(request_id, self, req)
         try:
             await req.acked

@@ -58,9 +58,10 @@ def tokens_match(expected: str, got: Any) -> bool:
 
 
 # --- launching (parent side) -----------------------------------------------------------------------------------
-def core_threads(num_cores: int, world_size: int) -> int:
-    """torch threads per core process: the host's CPUs shared out over every rank of every replica."""
-    return max(1, (os.cpu_count() or 1) // max(1, num_cores * world_size))
+def core_threads(num_cores: int, reserve: int = 0) -> int:
+    """torch threads per core process (one replica): the host's CPUs, less `reserve` (kept for the API process),
+    shared out over the replicas; a multi-rank replica's executor splits its budget over its ranks."""
+    return max(1, ((os.cpu_count() or 1) - reserve) // max(1, num_cores))
 
 
 def launch_core(engine_args: dict[str, Any], replica: int, port: int, token: str, threads: int,
@@ -191,14 +192,8 @@ class _Channel:
 
 
 def _stats(engine) -> dict[str, Any]:
-    bm = engine.scheduler.block_manager
-    stats = engine.get_stats() if hasattr(engine, "get_stats") else {
-        "num_requests_running": len(engine.scheduler.running), "num_requests_waiting": len(engine.scheduler.waiting),
-        "kv_cache_usage_perc": bm.usage, "num_preemptions": getattr(engine.scheduler, "num_preemptions", 0)}
-    out = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    out["num_free_blocks"] = bm.num_free_blocks
-    out["num_blocks"] = bm.num_total_blocks
-    return out
+    """The engine's numeric stats (msgpack-able)."""
+    return {k: v for k, v in engine.get_stats().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def serve(engine, chan: _Channel) -> int:

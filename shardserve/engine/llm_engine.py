@@ -36,6 +36,25 @@ def eos_token_ids(model_dir: str, hf_config: dict[str, Any], tokenizer) -> list[
     return [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
 
 
+def validate_request(ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> int:
+    """Check a tokenized prompt and its max_tokens against the model; returns the resolved max_tokens.
+    Each failure is a ValueError saying what to change (the server turns it into a 400)."""
+    if not ids:
+        raise ValueError("the prompt is empty; send at least one token")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens; this model's maximum context length is "
+                         f"{max_model_len}, and at least one token must be generated")
+    max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len - len(ids)
+    if len(ids) + max_tokens > max_model_len:
+        raise ValueError(f"this model's maximum context length is {max_model_len} tokens; the prompt has {len(ids)} "
+                         f"and max_tokens is {max_tokens} ({len(ids) + max_tokens} in all); lower max_tokens "
+                         f"to {max_model_len - len(ids)} or shorten the prompt")
+    return max_tokens
+
+
 class EngineDeadError(RuntimeError):
     """The engine lost a rank; it serves nothing more (a DP router restarts the replica)."""
 
@@ -90,13 +109,7 @@ class LLMEngine:
                 raise ValueError("either prompt or prompt_token_ids is required")
             prompt_token_ids = self.tokenizer.encode(prompt)
         ids = [int(t) for t in prompt_token_ids]
-        self._validate_prompt(ids)
-        max_len = self.cfg.model.max_model_len
-        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - len(ids)
-        if len(ids) + max_tokens > max_len:
-            raise ValueError(f"this model's maximum context length is {max_len} tokens; the prompt has {len(ids)} "
-                             f"and max_tokens is {max_tokens} ({len(ids) + max_tokens} in all); lower max_tokens "
-                             f"to {max_len - len(ids)} or shorten the prompt")
+        max_tokens = validate_request(ids, params, self.cfg.model.max_model_len, self.cfg.model.vocab_size)
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs, detoks = [], []
         for i in range(params.n):
@@ -118,17 +131,6 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.stats["prompt_tokens"] += len(ids)
 
-    def _validate_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty; send at least one token")
-        vocab = self.cfg.model.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
-        if len(ids) >= self.cfg.model.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; this model's maximum context length is "
-                             f"{self.cfg.model.max_model_len}, and at least one token must be generated")
-
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is None:
@@ -148,6 +150,7 @@ class LLMEngine:
                 "prompt_tokens": self.stats["prompt_tokens"], "generation_tokens": self.stats["generation_tokens"],
                 "steps": self.stats["steps"], "prefix_cache_queries": bm.prefix_cache_queries,
                 "prefix_cache_hits": bm.prefix_cache_hits, "num_blocks": bm.num_total_blocks,
+                "num_free_blocks": bm.num_free_blocks,
                 **{f"executor_{k}": v for k, v in self.executor.stats().items() if k.startswith("stage")}}
 
     def expert_counts(self) -> dict[int, list[int]]:

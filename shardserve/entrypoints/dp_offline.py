@@ -14,7 +14,7 @@ from typing import Any
 from shardserve.engine.args import EngineArgs
 from shardserve.engine.core_proc import (RECV_BYTES, OutputAccumulator, core_threads, launch_core, new_unpacker,
                                          pack, tokens_match)
-from shardserve.engine.llm_engine import EngineDeadError, load_tokenizer
+from shardserve.engine.llm_engine import EngineDeadError, load_tokenizer, validate_request
 from shardserve.entrypoints.router import ReplicaLoad, core_engine_args, pick_replica
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
@@ -59,7 +59,7 @@ class DataParallelEngines:
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer)
         n = args.data_parallel_size
         core_args = core_engine_args(args, self.cfg.model.max_model_len, model)
-        threads = core_threads(n, args.tensor_parallel_size * args.pipeline_parallel_size)
+        threads = core_threads(n)
         listener = socket.create_server(("127.0.0.1", 0))
         port = listener.getsockname()[1]
         self.cores: list[_Core] = []
@@ -149,21 +149,7 @@ class DataParallelEngines:
 
     def _validate(self, ids: list[int], params: SamplingParams) -> int:
         """The engine's own checks, here so that a bad prompt raises at add time as with one engine."""
-        max_len, vocab = self.cfg.model.max_model_len, self.cfg.model.vocab_size
-        if not ids:
-            raise ValueError("the prompt is empty; send at least one token")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
-        if len(ids) >= max_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; this model's maximum context length is {max_len}, "
-                             "and at least one token must be generated")
-        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - len(ids)
-        if len(ids) + max_tokens > max_len:
-            raise ValueError(f"this model's maximum context length is {max_len} tokens; the prompt has {len(ids)} "
-                             f"and max_tokens is {max_tokens} ({len(ids) + max_tokens} in all); lower max_tokens "
-                             f"to {max_len - len(ids)} or shorten the prompt")
-        return max_tokens
+        return validate_request(ids, params, self.cfg.model.max_model_len, self.cfg.model.vocab_size)
 
     def abort_request(self, request_id: str) -> None:
         core = self._owner.pop(request_id, None)

@@ -58,10 +58,13 @@ def core_engine_args(args: EngineArgs, max_model_len: int, model: str) -> dict[s
 
 class Router:
     def __init__(self, args: EngineArgs, model: str, max_model_len: int, metrics=None,
-                 max_waiting_requests: int | None = None, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> None:
+                 max_waiting_requests: int | None = None, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+                 threads: int | None = None) -> None:
         self.num_replicas = max(1, args.data_parallel_size)
         self.core_args = core_engine_args(args, max_model_len, model)
-        self.threads = core_threads(self.num_replicas, args.tensor_parallel_size * args.pipeline_parallel_size)
+        # one CPU stays with the API process (HTTP, JSON, tokenization): OpenMP threads that share their
+        # cores with it stall at every parallel region (docs/benchmarks.md, "Serving")
+        self.threads = threads or core_threads(self.num_replicas, reserve=1)
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -114,7 +117,7 @@ class Router:
                 logger.warning("restarting replica %d (attempt %d)", i, attempt)
                 try:
                     await engine.start()
-                except EngineUnavailable as e:
+                except Exception as e:  # noqa: BLE001 - keep trying, with backoff
                     logger.error("replica %d did not restart: %s", i, e)
                     continue
                 self.restarts[i] += 1

@@ -43,7 +43,9 @@ class MultiprocExecutor(Executor):
         self._pending: deque[int] = deque()
         self._dead: str | None = None
         init_method = tcp_init_method(get_loopback_ip(), get_free_port())
-        threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        # the ranks share this process's thread budget (the whole host, or what a DP router gave this replica)
+        import torch
+        threads = max(1, torch.get_num_threads() // self.world_size)
         self._err_dir = tempfile.mkdtemp(prefix="shardserve-ranks-")
         self.procs: list[subprocess.Popen] = []
         for rank in range(self.world_size):

@@ -75,3 +75,22 @@ def recommend_for_local_gpus(model_config: dict, *, dtype: str = "bf16", kv_dtyp
     layout.notes.extend(plan.reasons)
     layout.device_order = order_for_tp(topo, layout.tp, list(range(cluster.num_gpus)))
     return layout
+
+
+def apply_auto_plan(eargs, hf_config: dict, environ: dict | None = None) -> list[str]:
+    """`serve --plan auto`: set tp/pp/dp/ep on EngineArgs from the recommendation for this machine's GPUs and
+    order the GPUs so TP groups are NVLink neighbours (CUDA_VISIBLE_DEVICES). Returns lines to tell the user;
+    without CUDA GPUs the layout flags stay as given."""
+    import os
+    environ = os.environ if environ is None else environ
+    dtype = {"float16": "fp16"}.get(eargs.dtype, "bf16")
+    layout = recommend_for_local_gpus(hf_config, dtype=dtype, max_model_len=eargs.max_model_len)
+    if layout is None:
+        return [f"--plan auto: no CUDA GPUs found; keeping tp={eargs.tensor_parallel_size}, "
+                f"pp={eargs.pipeline_parallel_size}, dp={eargs.data_parallel_size}"]
+    eargs.tensor_parallel_size, eargs.pipeline_parallel_size = layout.tp, layout.pp
+    eargs.data_parallel_size = layout.dp
+    eargs.enable_expert_parallel = layout.ep > 1
+    if layout.device_order:
+        environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, layout.device_order))
+    return [f"--plan auto: {layout.label()}"] + [f"  - {n}" for n in layout.notes]

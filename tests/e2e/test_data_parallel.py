@@ -54,7 +54,8 @@ def test_load_reaches_both_replicas_and_matches_offline(dp_server, offline_llm):
                                                                temperature=0) for p in prompts))
     results = asyncio.run(main())
     assert [r.choices[0].text for r in results] == ref  # the same tokens whichever replica served them
-    assert successes(dp_server, 0) >= 2 and successes(dp_server, 1) >= 2
+    per_replica = [successes(dp_server, 0), successes(dp_server, 1)]
+    assert min(per_replica) >= 2, per_replica  # least-loaded routing spreads 8 concurrent requests
     text = dp_server.metrics()
     assert 'replica="0"' in text and 'replica="1"' in text
     assert metric_value(text, "shardserve:generation_tokens_total", replica="1") > 0

@@ -51,6 +51,10 @@ def check_error(r: httpx.Response, status: int, *words: str, param: str | None =
     ("/v1/completions", {**COMP, "prompt": "word " * 600}, ["context length"], "prompt"),      # too long
     ("/v1/completions", {**COMP, "max_tokens": 5000}, ["max_tokens", "512"], "max_tokens"),
     ("/v1/completions", {**COMP, "prompt": [10**6]}, ["out of range"], "prompt"),
+    ("/v1/completions", {**COMP, "prompt": [2**70]}, ["cannot be encoded"], None),
+    ("/v1/completions", {**COMP, "n": 1000}, ["--max-num-seqs"], "n"),
+    ("/v1/completions", {**COMP, "stop": ["", "x"]}, ["stop"], "stop"),
+    ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"tokenize": True}}, ["chat template"], "messages"),
 ])
 def test_bad_request(server, path, body, words, param):
     check_error(post(server, path, body), 400, *words, param=param)

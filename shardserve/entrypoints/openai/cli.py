@@ -35,6 +35,12 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="seconds between stats log lines (throughput, queue, KV usage); 0 = off")
     g.add_argument("--engine-heartbeat-timeout", type=float, default=60.0,
                    help="seconds of silence after which a replica is taken for hung, killed and restarted")
+    g.add_argument("--plan", choices=["auto", "none"], default="none",
+                   help="auto: pick tp/pp/dp/ep with the planner for the GPUs found (and order them so TP groups "
+                        "are NVLink neighbours); none: use the layout flags as given")
+    g.add_argument("--engine-threads", type=int, default=None,
+                   help="torch threads of each engine-core process when tp × pp = 1 (default: the CPUs but one, "
+                        "shared out over the replicas; the one is left to the API process)")
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run_serve)
     return p
@@ -53,13 +59,21 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
     eargs = EngineArgs.from_cli(args)
     model = eargs.resolve_model(progress=True)
+    if args.plan == "auto":
+        import json
+        from pathlib import Path
+        from shardserve.planner.local import apply_auto_plan
+        for line in apply_auto_plan(eargs, json.loads((Path(model) / "config.json").read_text())):
+            print(line)
     # validate the layout and resolve max_model_len here, before any process starts (ConfigError → exit 2)
     cfg = replace(eargs, model=model, data_parallel_size=1).create_config(progress=False)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     names = args.served_model_name or [eargs.model or TINY_MODEL_NAME]
     metrics = ServerMetrics(names[0])
+    if args.engine_threads is not None and args.engine_threads < 1:
+        raise ValueError(f"--engine-threads must be >= 1, got {args.engine_threads}")
     router = Router(eargs, model, cfg.model.max_model_len, metrics, args.max_waiting_requests,
-                    args.engine_heartbeat_timeout)
+                    args.engine_heartbeat_timeout, threads=args.engine_threads)
     state = ServerState(router, tokenizer, names, model, cfg.model.max_model_len, metrics,
                         api_key=args.api_key or os.environ.get("SHARDSERVE_API_KEY") or None)
     logging.getLogger("shardserve.stats").setLevel(logging.INFO)

@@ -85,6 +85,9 @@ async def open_streams(state: ServerState, base_id: str, prompts: list[list[int]
     if state.router.num_healthy == 0:
         if state.loading_error:
             raise APIError(503, f"the engine failed to start: {state.loading_error}", code="engine_unavailable")
+    max_n = int(state.router.core_args.get("max_num_seqs") or params.n)
+    if params.n > max_n:
+        raise APIError(400, f"n must be <= {max_n} (the server's --max-num-seqs), got {params.n}", param="n")
     arrival = time.monotonic()
     results = await asyncio.gather(*(state.router.add_request(f"{base_id}-{i}", ids, params, texts[i], arrival)
                                      for i, ids in enumerate(prompts)), return_exceptions=True)

@@ -1,0 +1,196 @@
+"""The DP router's policy and supervision with fake replicas (no processes): least-loaded choice, failover before a
+request is accepted, 429 on a full queue, restart of a dead replica; and the merging of queued stream outputs."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import shardserve.entrypoints.router as router_mod
+from shardserve.engine.args import EngineArgs
+from shardserve.engine.async_engine import EngineUnavailable, RequestStream, _merge, _Req
+from shardserve.entrypoints.router import QueueFull, ReplicaLoad, Router, pick_replica
+from shardserve.outputs import CompletionOutput, RequestOutput
+from shardserve.sampling_params import SamplingParams
+
+
+def L(healthy=True, tokens=0, inflight=0) -> ReplicaLoad:
+    return ReplicaLoad(healthy, tokens, inflight)
+
+
+def test_pick_replica():
+    assert pick_replica([L(tokens=50), L(tokens=10), L(tokens=30)]) == 1
+    assert pick_replica([L(tokens=10, inflight=3), L(tokens=10, inflight=1)]) == 1  # tie: fewer requests
+    assert pick_replica([L(tokens=5), L(tokens=5)]) == 0                             # tie: lowest index
+    assert pick_replica([L(healthy=False, tokens=0), L(tokens=99)]) == 1            # never an unhealthy one
+    assert pick_replica([L(tokens=0), L(tokens=9)], exclude={0}) == 1
+    assert pick_replica([L(healthy=False), L(healthy=False)]) is None
+    assert pick_replica([]) is None
+
+
+class FakeEngine:
+    """Stands in for AsyncEngine: tracks outstanding tokens; can be told to die."""
+
+    def __init__(self, replica: int, on_exit, fail_start: int = 0) -> None:
+        self.replica, self.on_exit = replica, on_exit
+        self.state, self.reqs, self.fail_start = "new", {}, fail_start
+        self.refuse = False
+        self.pid = 1000 + replica
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ready"
+
+    num_in_flight = property(lambda self: len(self.reqs))
+    num_waiting = property(lambda self: sum(1 for r in self.reqs.values() if not r["started"]))
+    outstanding_tokens = property(lambda self: sum(r["tokens"] for r in self.reqs.values()))
+
+    async def start(self) -> None:
+        if self.fail_start:
+            raise EngineUnavailable("boom")
+        self.state = "ready"
+
+    async def add_request(self, rid, ids, params, prompt=None, arrival=None):
+        if self.refuse or self.state != "ready":
+            raise EngineUnavailable(f"replica {self.replica} is not serving")
+        self.reqs[rid] = {"tokens": len(ids) + params.max_tokens, "started": False}
+        return rid
+
+    def die(self) -> None:
+        self.state = "dead"
+        self.reqs.clear()
+        self.on_exit(self)
+
+    async def shutdown(self) -> None:
+        self.state = "stopped"
+
+
+class FakeRouter(Router):
+    def __init__(self, dp: int, **kw) -> None:
+        self.made: list[FakeEngine] = []
+        super().__init__(EngineArgs(data_parallel_size=dp), "model", 512, **kw)
+
+    def _new_engine(self, i: int) -> FakeEngine:  # type: ignore[override]
+        e = FakeEngine(i, self._on_exit)
+        self.made.append(e)
+        return e
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+P = SamplingParams(max_tokens=10)
+
+
+def test_router_spreads_by_outstanding_tokens():
+    async def main():
+        r = FakeRouter(2)
+        await r.start()
+        await r.add_request("a", [1] * 100, P)   # → 0 (110 tokens)
+        await r.add_request("b", [1] * 5, P)     # → 1 (15)
+        await r.add_request("c", [1] * 5, P)     # → 1 (30 < 110)
+        return [sorted(e.reqs) for e in r.replicas]
+    assert run(main()) == [["a"], ["b", "c"]]
+
+
+def test_router_queue_full_and_failover():
+    async def main():
+        r = FakeRouter(2, max_waiting_requests=2)
+        await r.start()
+        await r.add_request("a", [1], P)
+        await r.add_request("b", [1], P)
+        with pytest.raises(QueueFull, match="max-waiting-requests 2"):
+            await r.add_request("c", [1], P)
+        for e in r.replicas:
+            for v in e.reqs.values():
+                v["started"] = True  # first tokens out: no longer waiting
+        r.replicas[0].refuse = True  # died between the choice and the add: the other replica takes it
+        await r.add_request("d", [1], P)
+        assert "d" in r.replicas[1].reqs
+        r.replicas[1].refuse = True
+        with pytest.raises(EngineUnavailable, match="no engine replica"):
+            await r.add_request("e", [1], P)
+    run(main())
+
+
+def test_router_restarts_a_dead_replica(monkeypatch):
+    monkeypatch.setattr(router_mod, "RESTART_BACKOFF_S", (0.0,))
+
+    async def main():
+        r = FakeRouter(2)
+        await r.start()
+        first = r.replicas[1]
+        first.die()
+        assert r.num_healthy == 1 and r.replicas[1] is first  # not yet replaced
+        await r.add_request("x", [1], P)  # served by the survivor meanwhile
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if r.replicas[1] is not first and r.replicas[1].healthy:
+                break
+        assert r.replicas[1] is not first and r.replicas[1].healthy and r.restarts == [0, 1]
+        assert [s["restarts"] for s in r.status()] == [0, 1]
+        await r.shutdown()
+        assert all(e.state == "stopped" for e in r.replicas)
+    run(main())
+
+
+def test_router_start_failure_raises():
+    class Bad(FakeRouter):
+        def _new_engine(self, i):
+            e = FakeEngine(i, self._on_exit, fail_start=int(i == 1))
+            return e
+
+    async def main():
+        r = Bad(2)
+        with pytest.raises(EngineUnavailable, match="boom"):
+            await r.start()
+        assert not r.started
+    run(main())
+
+
+def _out(text: str, ids: list[int], finished: bool = False) -> RequestOutput:
+    c = CompletionOutput(0, text, ids, None, "length" if finished else None, None, text[-1:], ids[-1:], [])
+    return RequestOutput("r", None, [1], [c], finished)
+
+
+def test_stream_merges_queued_outputs_and_raises_errors():
+    class Eng:
+        replica = 0
+        aborted: list[str] = []
+
+        def abort(self, rid):
+            self.aborted.append(rid)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        req = _Req(asyncio.Queue(), 1, 3, 1, 0.0, loop.create_future())
+        eng = Eng()
+        s = RequestStream("r", eng, req)  # type: ignore[arg-type]
+        for k in range(1, 3):
+            req.queue.put_nowait(_out("abc"[:k], [1, 2, 3][:k]))
+        merged = await s.__anext__()  # both queued outputs in one
+        assert merged.outputs[0].text == "ab" and merged.outputs[0].text_delta == "ab"
+        assert merged.outputs[0].token_ids_delta == [1, 2]
+        s.close()
+        assert eng.aborted == ["r"]  # unfinished when closed: aborted in the engine
+        with pytest.raises(StopAsyncIteration):
+            await s.__anext__()
+        req2 = _Req(asyncio.Queue(), 1, 3, 1, 0.0, loop.create_future())
+        s2 = RequestStream("r2", eng, req2)  # type: ignore[arg-type]
+        req2.queue.put_nowait(_out("a", [1]))
+        req2.queue.put_nowait(EngineUnavailable("replica 0 died"))
+        assert (await s2.__anext__()).outputs[0].text == "a"  # what came before the error is delivered first
+        with pytest.raises(EngineUnavailable):
+            await s2.__anext__()
+        s2.close()
+        assert eng.aborted == ["r"]  # the engine already dropped a failed request: nothing to abort
+    run(main())
+
+
+def test_merge_keeps_indices_of_both():
+    a = RequestOutput("r", None, [1], [CompletionOutput(0, "x", [1], text_delta="x", token_ids_delta=[1]),
+                                       CompletionOutput(1, "y", [2], text_delta="y", token_ids_delta=[2])], False)
+    b = RequestOutput("r", None, [1], [CompletionOutput(0, "xz", [1, 3], text_delta="z", token_ids_delta=[3])], False)
+    m = _merge(a, b)
+    assert [(c.index, c.text_delta, c.token_ids_delta) for c in m.outputs] == [(0, "xz", [1, 3]), (1, "y", [2])]
