@@ -47,6 +47,8 @@ class ServerMetrics:
                               labels, registry=reg)
         self.kv_free = Gauge("shardserve:kv_cache_free_blocks", "KV-cache blocks free or evictable.",
                              labels, registry=reg)
+        self.expert_tokens = Gauge("shardserve:moe_expert_tokens", "MoE: tokens routed to each expert since start "
+                                   "(per layer; the load imbalance).", labels + ["layer", "expert"], registry=reg)
         self.healthy = Gauge("shardserve:replica_healthy", "1 while the replica serves, 0 while down or starting.",
                              labels, registry=reg)
         self.prompt_tokens = Counter("shardserve:prompt_tokens", "Prompt tokens of accepted requests.",
@@ -100,6 +102,9 @@ class ServerMetrics:
         self.kv_usage.labels(**l).set(t.kv_usage)
         if "num_free_blocks" in stats:
             self.kv_free.labels(**l).set(stats["num_free_blocks"])
+        for layer, counts in stats.get("expert_counts", []):
+            for expert, n in enumerate(counts):
+                self.expert_tokens.labels(**l, layer=str(layer), expert=str(expert)).set(n)
         pre = float(stats.get("num_preemptions", 0))
         if pre > t.preemptions_seen:
             self.preemptions.labels(**l).inc(pre - t.preemptions_seen)

@@ -192,8 +192,13 @@ class _Channel:
 
 
 def _stats(engine) -> dict[str, Any]:
-    """The engine's numeric stats (msgpack-able)."""
-    return {k: v for k, v in engine.get_stats().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The engine's numeric stats, plus per-expert token counts for MoE models (msgpack-able)."""
+    out: dict[str, Any] = {k: v for k, v in engine.get_stats().items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    counts = engine.expert_counts()
+    if counts:
+        out["expert_counts"] = [[layer, c] for layer, c in sorted(counts.items())]
+    return out
 
 
 def serve(engine, chan: _Channel) -> int:

@@ -80,3 +80,25 @@ def test_stats_logger_line():
                      "waiting 1 reqs, KV cache usage 12.5%"]
     m.on_generation_tokens(0, 20)
     assert "generation throughput 4.0 tok/s" in log.lines(now=105.0)[0]  # rate since the previous line
+
+
+def test_moe_expert_counts_from_a_real_engine_reach_the_gauge(ckpt_root):
+    """A Mixtral engine's per-expert counts (sum = tokens × top_k per layer) flow through the core-process stats
+    into shardserve:moe_expert_tokens{layer, expert}."""
+    from checkpoints import MOE_ARCHS, build_moe_checkpoint, engine_llm
+    from shardserve import SamplingParams
+    from shardserve.engine.core_proc import _stats
+    arch = "mixtral" if "mixtral" in MOE_ARCHS else sorted(MOE_ARCHS)[0]
+    llm = engine_llm(build_moe_checkpoint(ckpt_root, arch))
+    llm.generate(prompt_token_ids=[[5, 6, 7, 8]], sampling_params=SamplingParams(max_tokens=3, ignore_eos=True),
+                 use_tqdm=False)
+    stats = _stats(llm.engine)
+    llm.shutdown()
+    top_k = MOE_ARCHS[arch][1]["num_experts_per_tok"]
+    assert stats["expert_counts"] and all(sum(c) == (4 + 2) * top_k for _, c in stats["expert_counts"])
+    m = ServerMetrics("moe")
+    m.on_core_stats(0, stats)
+    got = samples(m)
+    layer, counts = stats["expert_counts"][0]
+    for e, n in enumerate(counts):
+        assert got[("shardserve:moe_expert_tokens", (("expert", str(e)), ("layer", str(layer)), ("replica", "0")))] == n
