@@ -6,6 +6,8 @@ import importlib
 
 BENCHES = {
     "throughput": ("shardserve.bench.throughput", "offline tokens/s on a random workload (--compare-hf)"),
+    "latency": ("shardserve.bench.latency", "per-token decode latency (TPOT), prefill time, share in collectives"),
+    "comm": ("shardserve.bench.comm", "collective latency and bus bandwidth per message size (shm vs gloo)"),
     "pipeline": ("shardserve.bench.pipeline", "pipeline bubble with 1 vs pp micro-batches in flight"),
     "serve": ("shardserve.bench.serve", "load a running server: request/token throughput, TTFT, TPOT, ITL"),
     "moe": ("shardserve.bench.moe", "MoE layer: TP experts vs expert parallelism (time, bytes moved)"),

@@ -27,7 +27,8 @@ OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 BACKENDS = ("auto", "gloo", "shm", "nccl")
 SPEC_ENV = "SHARDSERVE_BENCH_COMM_SPEC"
 BATCHES = 5  # timed batches per size; the median batch is reported
-TIME_PER_SIZE_S = 1.0  # fewer iterations for a size whose warm-up says --iters would take longer
+TIME_PER_SIZE_S = 1.0
+SETTLE_S = 0.5  # fewer iterations for a size whose warm-up says --iters would take longer
 
 
 def bus_factor(op: str, n: int) -> float:
@@ -205,6 +206,13 @@ def _rank_main(spec: dict) -> int:
     g = build_parallel_state(n, backend="nccl" if cuda else "gloo", device=device,
                              allreduce="gloo" if cuda else backend).tp
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # settle: small all_reduces for SETTLE_S (rank 0's clock decides, the reduced flag tells everyone), so the
+    # first sizes are not measured while the OS is still spreading the new processes over the cores
+    flag, t_end = torch.zeros(1, device=device), time.perf_counter() + SETTLE_S
+    while True:
+        flag.fill_(float(rank == 0 and time.perf_counter() > t_end))
+        if g.all_reduce(flag).item() > 0:
+            break
     work = [(op, size) for op in spec["ops"] for size in spec["sizes"]]
     results = []
     for op, size in tqdm(work, desc=f"bench comm {backend}", unit="size", disable=rank != 0):

@@ -7,8 +7,9 @@ prefix cache never helps) with `max_tokens=--output-len, ignore_eos`, then steps
     prefill_ms   wall time of the steps that still compute prompt tokens (until every sequence has its first token)
     tpot_ms      mean wall time of a pure decode step (one new token for every sequence)
     comm_share   collective time / wall time over the decode steps, from the driver rank's cumulative counters
-                 (`collective_stats()` of parallel_state, switched on here with SHARDSERVE_COMM_TIMING=1 and
-                 reported in ModelRunnerOutput.timings["comm_s"]); "n/a" when the worker does not report them
+                 (`collective_stats()` of parallel_state, switched on here with SHARDSERVE_COMM_TIMING=1, which
+                 the worker adds to its stage timings: ModelRunnerOutput.timings["stage{i}_comm_s"], also
+                 engine.get_stats()["executor_stage{i}_comm_s"]); "n/a" when the worker does not report them
 
 Results are the median over --iters runs after one warm-up run per batch size.
 """
@@ -20,6 +21,7 @@ import os
 import random
 import statistics
 import time
+from collections import deque
 from typing import Any
 
 __all__ = ["add_args", "run"]
@@ -39,17 +41,32 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 class _StepRecorder:
-    """Wraps executor.execute_model to keep each step's scheduler output and driver timings."""
+    """Wraps the executor's submit/collect (instance attributes shadow the methods, for this engine only) to pair
+    each finished step's scheduler output with the timings the driver rank returned."""
 
     def __init__(self, executor: Any) -> None:
-        self.inner = executor.execute_model
+        self._submit, self._collect = executor.submit, executor.collect
+        self._queued: deque = deque()
         self.last: tuple[Any, dict] | None = None
-        executor.execute_model = self  # an instance attribute shadows the method for this engine only
+        executor.submit, executor.collect = self.submit, self.collect
 
-    def __call__(self, out: Any) -> Any:
-        result = self.inner(out)
-        self.last = (out, dict(result.timings))
+    def submit(self, out: Any) -> None:
+        self._submit(out)
+        self._queued.append(out)
+
+    def collect(self) -> Any:
+        result = self._collect()
+        self.last = (self._queued.popleft(), dict(result.timings))
         return result
+
+
+def _comm(timings: dict) -> tuple[float, float] | None:
+    """(comm seconds, calls) of the driver's stage, cumulative: `stage{i}_comm_s` of the last stage i."""
+    stages = [int(k[5:-7]) for k in timings if k.startswith("stage") and k.endswith("_comm_s")]
+    if not stages:
+        return None
+    last = max(stages)
+    return timings[f"stage{last}_comm_s"], timings.get(f"stage{last}_comm_calls", 0.0)
 
 
 def _one_run(engine: Any, rec: _StepRecorder, prompts: list[list[int]], output_len: int, tag: str) -> dict:
@@ -57,9 +74,9 @@ def _one_run(engine: Any, rec: _StepRecorder, prompts: list[list[int]], output_l
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", None, params, prompt_token_ids=p)
-    prefill_s, decode_s, decode_steps, comm_s, comm_calls = 0.0, [], 0, 0.0, 0.0
+    prefill_s, decode_s, comm_s, comm_calls = 0.0, [], 0.0, 0.0
     have_comm = True
-    prev: dict | None = None
+    prev: tuple[float, float] | None = None
     while engine.has_unfinished_requests():
         rec.last = None
         t0 = time.perf_counter()
@@ -71,16 +88,16 @@ def _one_run(engine: Any, rec: _StepRecorder, prompts: list[list[int]], output_l
             continue
         sched, timings = rec.last
         decode = all(len(s.token_ids) == 1 and s.start_pos >= len(prompts[0]) for s in sched.seqs)
-        now = timings.get("comm_s")
+        now = _comm(timings)
         have_comm = have_comm and now is not None
         if decode:
             decode_s.append(wall)
             if have_comm and prev is not None:
-                comm_s += now - prev["comm_s"]
-                comm_calls += timings["comm_calls"] - prev["comm_calls"]
+                comm_s += now[0] - prev[0]
+                comm_calls += now[1] - prev[1]
         else:
             prefill_s += wall
-        prev = timings if now is not None else None
+        prev = now
     total_decode = sum(decode_s)
     n = max(1, len(decode_s))
     return {"prefill_ms": prefill_s * 1e3, "tpot_ms": total_decode / n * 1e3, "decode_steps": len(decode_s),

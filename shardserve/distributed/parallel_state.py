@@ -49,7 +49,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 _timeout_s: float | None = None  # from init_distributed; applies to every group built afterwards
 ALLREDUCE_MODES = ("auto", "gloo", "shm")
-SHM_AUTO_MAX_BYTES = 16 << 20  # `auto`: shm up to this many bytes per rank (docs/benchmarks.md)
+SHM_AUTO_MAX_BYTES = 64 << 20  # `auto`: shm up to this many bytes per rank (won at every size measured: docs/benchmarks.md)
 _timing = os.environ.get("SHARDSERVE_COMM_TIMING", "0") not in ("", "0")
 _comm_stats: dict[str, list] = {}  # "{group}_{op}_{impl}" -> [seconds, calls]
 
@@ -166,7 +166,7 @@ class GroupCoordinator:
         self.allreduce_mode = mode  # per call: shm or the process group, see the module docstring
         self.shm_max_bytes = SHM_AUTO_MAX_BYTES
         self.timeout_s = timeout_s if timeout_s is not None else (_timeout_s or 60.0)  # shm waits
-        self.backend = str(dist.get_backend(device_group)) if self.world_size > 1 else "none"
+        self.backend = str(dist.get_backend(device_group)) if self.world_size > 1 else "none"  # gloo | nccl
         self.last_impl = self.backend  # what the last all_reduce / all_gather / reduce_scatter used
         self._shm: ShmCommunicator | None = None
         self._shm_tried = False

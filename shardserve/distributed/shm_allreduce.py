@@ -32,19 +32,26 @@ the counter store that follows it, and a reader's payload loads are not reordere
 counter load, nor its later counter store before its payload loads. On weakly ordered CPUs this
 rests on the distance between the copy and the store, as in message_queue.py and vLLM's shm paths.
 
-Waiting spins for `SPIN_S` calling sched_yield (so a peer on the same core still runs), then sleeps
-with a backoff from 10 us to 100 us (500 us after 10 ms). Every ~50 ms of waiting it checks that the
-late peers' processes still exist (not zombies) and whether a peer gave up; after `timeout_s` it
-raises TimeoutError naming the late ranks. After any such error the communicator is broken: every
-later call raises the same error, it never hangs.
+Waiting spins for `SPIN_S` calling sched_yield (so a peer sharing the core still runs), then sleeps.
+On Linux (x86-64, arm64) it sleeps in futex(2) on the late peer's arrive word (its low 32 bits): every
+rank calls FUTEX_WAKE on its own word right after storing it (about a microsecond; the syscall is also
+a full barrier), and the kernel compares the word under its lock, so a wake-up is never lost and a
+sleeper wakes as soon as the peer arrives, using no CPU meanwhile. Elsewhere it sleeps with a backoff
+from 10 us to 100 us (500 us after 10 ms). Every ~50 ms of waiting it checks that the late peers'
+processes still exist (not zombies) and whether a peer gave up; after `timeout_s` it raises
+ShmCollectiveTimeout (a TimeoutError) naming the late ranks and marks the segment aborted, so peers
+raise too. After any such error the communicator is broken: every later call raises, none hangs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
+import platform
 import secrets
+import sys
 import time
 import weakref
 from multiprocessing import shared_memory
@@ -76,7 +83,26 @@ REDUCE_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bf
                            torch.int16, torch.int32, torch.int64, torch.uint8})
 
 _memmove = ctypes.memmove
+# futex(2): shared (not FUTEX_PRIVATE) operations, since the waiters are other processes
+_NR_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine().lower())
+_FUTEX_WAIT, _FUTEX_WAKE, _INT_MAX = 0, 1, 0x7FFF_FFFF
 _live: "weakref.WeakSet[ShmCommunicator]" = weakref.WeakSet()
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _futex_syscall() -> Any:
+    """libc `syscall` for futex(2) on little-endian Linux x86-64 / arm64, else None (then waits sleep-poll)."""
+    if sys.platform != "linux" or sys.byteorder != "little" or _NR_FUTEX is None:
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    return fn
 
 
 class ShmCollectiveError(RuntimeError):
@@ -107,14 +133,15 @@ def _layout(world: int, slot_bytes: int) -> tuple[int, int, int, int]:
 
 
 def _process_alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie counts as dead); Linux /proc first, else signal 0."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        pass
+    """Whether `pid` runs (a zombie counts as dead): /proc where there is one, else signal 0."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):
+            pass
     try:
         os.kill(pid, 0)
         return True
@@ -150,6 +177,11 @@ class ShmCommunicator:
         self._watch = {j: p for j, p in self._pids.items() if p and _process_alive(p)}  # visible pids
         self._seq = int(self._q[self._my_word])
         self._base_ptr = self._base.data_ptr()
+        seg = self._base_ptr - data  # address of the segment's first byte
+        self._word_addr = [ctypes.c_void_p(seg + (self._arrive_word + j * _LINE) * 8) for j in range(world)]
+        self._futex = _futex_syscall()
+        self._ts = _Timespec(0, int(_CHECK_EVERY_S * 1e9))
+        self._nap = ctypes.byref(self._ts)
         self._rows: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         self._views: dict[tuple, list[torch.Tensor]] = {}
         self._broken: str | None = None
@@ -169,8 +201,8 @@ class ShmCommunicator:
         if rank == 0:
             try:
                 free = _free_shm_bytes()
-                if free is not None and free < 2 * total:
-                    raise OSError(f"/dev/shm has {free} bytes free, need {total}")
+                if free is not None and free < 2 * total:  # keep a margin: a full tmpfs means SIGBUS
+                    raise OSError(f"/dev/shm has {free} bytes free; the segment needs {total} (x2 margin)")
                 shm = shared_memory.SharedMemory(name=unique_name("ssar"), create=True, size=total)
                 q = shm.buf[:data].cast("Q")
                 nonce = secrets.randbits(62)
@@ -252,6 +284,8 @@ class ShmCommunicator:
         """Publish chunk `seq` of this rank, then wait until every peer published it too."""
         q, base = self._q, self._arrive_word
         q[self._my_word] = seq
+        if self._futex is not None:  # wake peers asleep on our word (a syscall: also a full barrier)
+            self._futex(_NR_FUTEX, self._word_addr[self.rank], _FUTEX_WAKE, _INT_MAX, None, None, 0)
         late = [j for j in self._peers if q[base + j * _LINE] < seq]
         if not late:
             return
@@ -269,8 +303,21 @@ class ShmCommunicator:
             if now >= next_check:
                 next_check = now + _CHECK_EVERY_S
                 self._check_peers(late, op, waited)
-            time.sleep(nap)
-            nap = min(nap * 2, _SLEEP_CAP_S if waited < _IDLE_AFTER_S else _SLEEP_IDLE_CAP_S)
+            if self._futex is not None:
+                self._futex_wait(late[0], q[base + late[0] * _LINE])
+            else:
+                time.sleep(nap)
+                nap = min(nap * 2, _SLEEP_CAP_S if waited < _IDLE_AFTER_S else _SLEEP_IDLE_CAP_S)
+
+    def _futex_wait(self, peer: int, seen: int) -> None:
+        """Sleep until `peer`'s arrive word changes from `seen`, a wake, a signal or _CHECK_EVERY_S passes."""
+        low = seen & 0xFFFF_FFFF  # the kernel compares the low (little-endian: first) 32 bits
+        expected = low - (1 << 32) if low >= 1 << 31 else low
+        if self._futex(_NR_FUTEX, self._word_addr[peer], _FUTEX_WAIT, expected, self._nap, None, 0) == -1:
+            if ctypes.get_errno() not in (errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT):
+                logger.warning("futex wait failed (errno %d); %s falls back to sleeping", ctypes.get_errno(),
+                               self.label)
+                self._futex = None
 
     def _check_peers(self, late: list[int], op: str, waited: float) -> None:
         q = self._q

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from shardserve.config import EngineConfig
+from shardserve.distributed.parallel_state import collective_stats
 from shardserve.engine.sequence import ModelRunnerOutput, SchedulerOutput
 from shardserve.layers.attention import get_attention_backend
 from shardserve.models.base import ModelShard
@@ -130,7 +131,7 @@ class Worker:
             hidden = runner.forward(inputs, intermediate)
         tm["compute_s"] += time.perf_counter() - t0
         tm["steps"] += 1
-        timings = {**upstream, str(self.stage): dict(tm)}
+        timings = {**upstream, str(self.stage): {**tm, **collective_stats()}}  # comm_* only with timing on
         if self.has_moe:  # cumulative tokens per expert of this stage's MoE layers, keyed "e<layer>"
             from shardserve.layers.moe import collect_expert_counts
             timings.update({f"e{layer}": counts for layer, counts in collect_expert_counts(self.model).items()})
@@ -148,7 +149,7 @@ class Worker:
         with self.tracer.span("sample", step=step):
             result = runner.sample(inputs, hidden, step)
         tm["sample_s"] += time.perf_counter() - t0
-        timings[str(self.stage)] = dict(tm)
+        timings[str(self.stage)] = {**tm, **collective_stats()}
         if not self.is_driver:
             return None
         for key, t in timings.items():

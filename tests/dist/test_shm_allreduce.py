@@ -282,3 +282,27 @@ def test_path_choice():
     assert not shm_applies("shm", t.to(torch.complex64), True, 1 << 30)  # no sum for complex: gloo
     assert shm_applies("shm", t.to(torch.complex64), False, 1 << 30)  # all_gather moves bytes
     assert shm_applies("shm", t.bool(), False, 1 << 30) and not shm_applies("shm", t.bool(), True, 1 << 30)
+
+
+def test_bench_comm_writes_nccl_tests_fields(tmp_path):
+    import argparse
+    import json
+
+    from shardserve.bench import comm
+    p = argparse.ArgumentParser()
+    comm.add_args(p)
+    out = tmp_path / "comm.json"
+    args = p.parse_args(["-n", "2", "--backend", "shm,gloo", "--max-bytes", "4KiB", "--iters", "10", "--warmup", "1",
+                         "--output-json", str(out)])
+    assert comm.run(args) == 0
+    rows = json.loads(out.read_text())["results"]
+    ops = {(r["op"], r["backend"]) for r in rows}
+    assert ops == {(op, b) for op in ("all_reduce", "all_gather", "reduce_scatter") for b in ("shm", "gloo")} \
+        | {("send_recv", "gloo")}  # shm has no point-to-point path
+    for r in rows:
+        assert {"op", "backend", "ranks", "bytes", "latency_us", "algbw_gbps", "busbw_gbps"} <= r.keys()
+        assert r["ranks"] == 2 and r["latency_us"] > 0
+        assert r["algbw_gbps"] == pytest.approx(r["bytes"] / r["latency_us"] / 1e3)
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * comm.bus_factor(r["op"], 2))
+        assert r["impl"] == ("gloo" if r["op"] == "send_recv" else r["backend"])
+    assert sorted({r["bytes"] for r in rows if r["op"] == "all_reduce"}) == [4, 16, 64, 256, 1024, 4096]

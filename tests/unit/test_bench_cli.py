@@ -1,0 +1,75 @@
+"""`bench comm` and `bench latency`: flags, nccl-tests bandwidth factors, clear errors, and a tp=1 latency run."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from shardserve.bench import comm, latency
+
+
+def _parse(mod, argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    mod.add_args(p)
+    return p.parse_args(argv)
+
+
+def test_comm_defaults_and_sizes():
+    args = _parse(comm, [])
+    assert (args.ranks, args.backend, args.min_bytes, args.max_bytes) == (2, "auto", "4", "64MiB")
+    assert args.ops.split(",") == ["all_reduce", "all_gather", "reduce_scatter", "send_recv"]
+    assert comm._sizes(4, 64 << 20, 4) == [4 << (2 * i) for i in range(13)]  # 4 B ... 64 MiB
+    assert comm._sizes(4, 32, 2) == [4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_bus_bandwidth_factors_follow_nccl_tests(n):
+    assert comm.bus_factor("all_reduce", n) == pytest.approx(2 * (n - 1) / n)
+    assert comm.bus_factor("all_gather", n) == pytest.approx((n - 1) / n)
+    assert comm.bus_factor("reduce_scatter", n) == pytest.approx((n - 1) / n)
+    assert comm.bus_factor("send_recv", n) == 1.0
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--backend", "mpi"], "--backend mpi unknown"),
+    (["--ops", "all_to_all"], "--ops all_to_all unknown"),
+    (["-n", "1"], "at least 2 ranks"),
+    (["--min-bytes", "1MiB", "--max-bytes", "1KiB"], "--min-bytes <= --max-bytes"),
+])
+def test_comm_rejects_bad_flags_before_starting_ranks(argv, match):
+    with pytest.raises(ValueError, match=match):
+        comm.run(_parse(comm, argv))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="has GPUs")
+def test_comm_nccl_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="nccl needs 2 CUDA GPUs.*--backend auto, shm or gloo"):
+        comm.run(_parse(comm, ["--backend", "nccl"]))
+
+
+def test_latency_flags_include_engine_args():
+    args = _parse(latency, ["-tp", "2", "--batch-sizes", "1,16", "--allreduce", "gloo"])
+    assert (args.tensor_parallel_size, args.input_len, args.output_len, args.iters) == (2, 128, 32, 3)
+    assert args.batch_sizes == "1,16" and args.allreduce == "gloo" and args.output_json is None
+
+
+def test_latency_tp1_run_writes_json(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SHARDSERVE_ALLREDUCE", "auto")  # recorded, so what the bench sets is undone afterwards
+    monkeypatch.setenv("SHARDSERVE_COMM_TIMING", "0")
+    out = tmp_path / "lat.json"
+    args = _parse(latency, ["--model", str(tiny_model), "--device", "cpu", "--kv-cache-memory", "8MiB", "--max-model-len", "256",
+                            "--input-len", "8", "--output-len", "4", "--batch-sizes", "1,3", "--iters", "1",
+                            "--output-json", str(out)])
+    try:
+        assert latency.run(args) == 0
+    finally:
+        from shardserve.distributed.parallel_state import enable_collective_timing
+        enable_collective_timing(False)
+    data = json.loads(out.read_text())
+    assert data["tp"] == 1 and [r["batch_size"] for r in data["results"]] == [1, 3]
+    for r in data["results"]:
+        assert r["prefill_ms"] > 0 and r["tpot_ms"] > 0 and r["decode_steps"] == 3  # output 4 = 1 prefill + 3
+        assert r["decode_tok_s"] == pytest.approx(r["batch_size"] / r["tpot_ms"] * 1e3)
+    assert "TPOT ms" in capsys.readouterr().out
