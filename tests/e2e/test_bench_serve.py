@@ -33,7 +33,6 @@ def test_bench_serve_reports(server, tmp_path):
 
 
 def test_bench_serve_plot(server, tmp_path):
-    pytest.importorskip("matplotlib")
     png = tmp_path / "b.png"
     assert bench_serve.run(bench_args(server, tmp_path, "--plot", str(png))) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
