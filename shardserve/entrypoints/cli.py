@@ -76,6 +76,37 @@ def _run_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_make_random(sub) -> None:
+    p = sub.add_parser("make-random-model", help="write a full-size model of a preset's shape with random weights",
+                       description="Write a Hugging Face directory with the shape of a planner preset (e.g. "
+                                   "llama-3-8b, qwen3-0.6b) and seeded RANDOM weights, for speed measurements "
+                                   "where nothing can be downloaded. Presets: `shardserve plan --help`.")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--like", required=True, help="preset name, e.g. llama-3.1-8b, qwen3-0.6b, mixtral-8x7b")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    p.add_argument("--seed", type=int, default=0, help="weight seed")
+    p.add_argument("--shard-size", default="2GiB", help="bytes per safetensors file")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
+                   help="change a config field, e.g. --override num_hidden_layers=2 (repeatable)")
+    p.set_defaults(func=_run_make_random)
+
+
+def _run_make_random(args: argparse.Namespace) -> int:
+    from shardserve.models.random_model import write_random_model
+    overrides = {}
+    for item in args.override:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--override {item!r}: write KEY=VALUE, e.g. num_hidden_layers=2")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    path = write_random_model(args.like, args.dir, args.dtype, args.seed, overrides, args.shard_size)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardserve", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -84,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
     _add_make_tiny(sub)
+    _add_make_random(sub)
     from shardserve.bench.cli import add_bench_parser
     add_bench_parser(sub)
     try:
