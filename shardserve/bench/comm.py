@@ -27,8 +27,8 @@ OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 BACKENDS = ("auto", "gloo", "shm", "nccl")
 SPEC_ENV = "SHARDSERVE_BENCH_COMM_SPEC"
 BATCHES = 5  # timed batches per size; the median batch is reported
-TIME_PER_SIZE_S = 1.0
-SETTLE_S = 0.5  # fewer iterations for a size whose warm-up says --iters would take longer
+TIME_PER_SIZE_S = 1.0  # fewer iterations for a size whose warm-up says --iters would take longer
+SETTLE_S = 0.5  # small all_reduces before the first size (see _rank_main)
 
 
 def bus_factor(op: str, n: int) -> float:

@@ -36,7 +36,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 _timeout_s: float | None = None  # from init_distributed (set_default_timeout); applies to every group built afterwards
 ALLREDUCE_MODES = ("auto", "gloo", "shm")
-SHM_AUTO_MAX_BYTES = 64 << 20  # `auto`: shm up to this many bytes per rank (won at every size measured: docs/benchmarks.md)
+SHM_AUTO_MAX_BYTES = 64 << 20  # `auto`: shm up to this many bytes per rank (faster at every size measured)
 _timing = os.environ.get("SHARDSERVE_COMM_TIMING", "0") not in ("", "0")
 _comm_stats: dict[str, list] = {}  # "{group}_{op}_{impl}" -> [seconds, calls]
 

@@ -27,10 +27,9 @@ rank j stores that only after it finished reading chunk s. A rank is therefore a
 ahead of any peer, and it then writes the other buffer set.
 
 Memory ordering is the argument of `message_queue.py`: each counter is one aligned 8-byte store
-(single-copy atomic on x86-64 and ARMv8); on x86-64 (TSO) the payload copy becomes visible before
-the counter store that follows it, and a reader's payload loads are not reordered before its
-counter load, nor its later counter store before its payload loads. On weakly ordered CPUs this
-rests on the distance between the copy and the store, as in message_queue.py and vLLM's shm paths.
+(single-copy atomic on x86-64 and ARMv8); on x86-64 (TSO) the payload copy is visible before the
+counter store after it, and a reader's payload loads are ordered after its counter load and before
+its next counter store. On weakly ordered CPUs this rests, as there, on the distance between them.
 
 Waiting spins for `SPIN_S` calling sched_yield (so a peer sharing the core still runs), then sleeps.
 On Linux (x86-64, arm64) it sleeps in futex(2) on the late peer's arrive word (its low 32 bits): every
@@ -151,14 +150,6 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
-def _free_shm_bytes() -> int | None:
-    try:
-        st = os.statvfs("/dev/shm")
-        return st.f_bavail * st.f_frsize
-    except OSError:
-        return None
-
-
 class ShmCommunicator:
     """This rank's end of one group's shared-memory segment; see the module docstring."""
 
@@ -185,7 +176,6 @@ class ShmCommunicator:
         self._rows: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         self._views: dict[tuple, list[torch.Tensor]] = {}
         self._broken: str | None = None
-        self.calls = 0
         _live.add(self)
 
     # ------------------------------------------------------------------------------- set-up
@@ -200,9 +190,9 @@ class ShmCommunicator:
         info: dict[str, Any] = {}
         if rank == 0:
             try:
-                free = _free_shm_bytes()
-                if free is not None and free < 2 * total:  # keep a margin: a full tmpfs means SIGBUS
-                    raise OSError(f"/dev/shm has {free} bytes free; the segment needs {total} (x2 margin)")
+                st = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+                if st is not None and st.f_bavail * st.f_frsize < 2 * total:  # margin: a full tmpfs is SIGBUS
+                    raise OSError(f"/dev/shm has {st.f_bavail * st.f_frsize} bytes free; need 2 x {total}")
                 shm = shared_memory.SharedMemory(name=unique_name("ssar"), create=True, size=total)
                 q = shm.buf[:data].cast("Q")
                 nonce = secrets.randbits(62)
@@ -383,7 +373,6 @@ class ShmCommunicator:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of contiguous CPU `t` over the group, written into `t` in place."""
-        self.calls += 1
         size, ptr = t.numel() * t.element_size(), t.data_ptr()
         if size <= self.slot_bytes:  # one chunk: the decode-time case, kept short
             seq = self._next("all_reduce")
@@ -403,7 +392,6 @@ class ShmCommunicator:
 
     def all_gather(self, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Copy every rank's contiguous `t` into contiguous `out` ([world * t bytes], same dtype), rank order."""
-        self.calls += 1
         size, src, dst = t.numel() * t.element_size(), t.data_ptr(), out.data_ptr()
         for a in range(0, size, self.slot_bytes):
             m = min(self.slot_bytes, size - a)
@@ -419,7 +407,6 @@ class ShmCommunicator:
         world, r, item = self.world, self.rank, inp.element_size()
         m_total = inp.shape[1]
         cap = self.slot_bytes // item // world  # output elements per chunk
-        self.calls += 1
         for a in range(0, m_total, cap):
             c = min(cap, m_total - a)
             seq = self._next("reduce_scatter")
