@@ -96,7 +96,8 @@ class BlockManager:
         self.prefix_cache_hits += num_computed
         return num_computed
 
-    def _num_new_blocks(self, seq_id: int, num_total_tokens: int) -> int:
+    def num_new_blocks(self, seq_id: int, num_total_tokens: int) -> int:
+        """Blocks the seq's table must gain to cover num_total_tokens positions (an unknown seq has none)."""
         seq = self._seqs.get(seq_id)
         have = len(seq.table) if seq is not None else 0
         need = -(-num_total_tokens // self.block_size)  # ceil
@@ -104,14 +105,14 @@ class BlockManager:
 
     def can_allocate(self, seq_id: int, num_total_tokens: int) -> bool:
         """Whether allocate_slots(seq_id, num_total_tokens) would succeed (an unknown seq counts as an empty table)."""
-        return self._num_new_blocks(seq_id, num_total_tokens) <= self.num_free_blocks
+        return self.num_new_blocks(seq_id, num_total_tokens) <= self.num_free_blocks
 
     def allocate_slots(self, seq_id: int, num_total_tokens: int) -> bool:
         """Grow the seq's block table to cover num_total_tokens positions; False (and no change) if blocks run out."""
         seq = self._seqs.get(seq_id)
         if seq is None:
             raise KeyError(f"sequence {seq_id} has no block table; call allocate_prefix first")
-        num_new = self._num_new_blocks(seq_id, num_total_tokens)
+        num_new = self.num_new_blocks(seq_id, num_total_tokens)
         if num_new > self.num_free_blocks:
             return False
         for _ in range(num_new):

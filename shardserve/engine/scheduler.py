@@ -95,7 +95,7 @@ class Scheduler:
             if n < seq.num_tokens - seq.num_computed_tokens and not self.cfg.enable_chunked_prefill:
                 break
             need = seq.num_computed_tokens + n
-            if bm.num_free_blocks - self._blocks_needed(seq, need) < self.watermark_blocks and self.running \
+            if bm.num_free_blocks - bm.num_new_blocks(seq.seq_id, need) < self.watermark_blocks and self.running \
                     or not bm.allocate_slots(seq.seq_id, need):
                 bm.free(seq.seq_id)  # give back prefix-cache references; retried next step
                 seq.num_computed_tokens = 0
@@ -106,10 +106,6 @@ class Scheduler:
             scheduled.append((seq, n))
             budget -= n
         return budget
-
-    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        have = len(self.block_manager.block_table(seq.seq_id))
-        return max(0, -(-num_tokens // self.block_size) - have)
 
     def _pick_victim(self) -> Sequence | None:
         """The lowest-priority (latest arrived) running seq that is not in flight."""

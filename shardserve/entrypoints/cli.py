@@ -118,16 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_random(sub)
     from shardserve.bench.cli import add_bench_parser
     add_bench_parser(sub)
-    try:
-        from shardserve.entrypoints.openai.cli import add_serve_parser
-        add_serve_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from shardserve.planner.cli import add_plan_parser
-        add_plan_parser(sub)
-    except ImportError:
-        pass
+    from shardserve.entrypoints.openai.cli import add_serve_parser
+    from shardserve.planner.cli import add_plan_parser
+    add_serve_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

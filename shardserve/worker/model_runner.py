@@ -34,7 +34,7 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, device: str,
-                 eos_token_ids: list[int], vocab_size: int, is_last_stage: bool = True, seed: int = 0) -> None:
+                 eos_token_ids: list[int], vocab_size: int, is_last_stage: bool = True) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -43,8 +43,7 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.is_last_stage = is_last_stage
         self.sampler = Sampler()
-        self.states: dict[int, SeqState] = {}
-        self.default_generator = make_generator(seed, self.device)
+        self.states: dict[int, SeqState] = {}  # unseeded rows draw from torch's global RNG (seeded per rank)
 
     # --- per-sequence state ----------------------------------------------------------------------------------
     def update_states(self, out: SchedulerOutput) -> None:

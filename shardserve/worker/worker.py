@@ -10,7 +10,9 @@ import torch
 from shardserve.config import EngineConfig
 from shardserve.distributed.parallel_state import collective_stats
 from shardserve.engine.sequence import ModelRunnerOutput, SchedulerOutput
+from shardserve.engine.sequence import ScheduledSeq
 from shardserve.layers.attention import get_attention_backend
+from shardserve.layers.moe import FusedMoE, collect_expert_counts, reset_expert_counts
 from shardserve.models.base import ModelShard
 from shardserve.models.loader import load_model
 from shardserve.utils.trace import Tracer
@@ -49,7 +51,6 @@ class Worker:
         self.tracer = Tracer(bool(cfg.parallel.trace_file), pid=pstate.rank,
                              process_name=f"rank {pstate.rank} (stage {pp.rank_in_group}, tp {pstate.tp.rank_in_group})")
         self._pending_sends: list = []
-        from shardserve.layers.moe import FusedMoE
         self.has_moe = any(isinstance(m, FusedMoE) for m in self.model.modules())
 
     # --- KV cache ----------------------------------------------------------------------------------------------
@@ -76,7 +77,6 @@ class Worker:
         self._dummy_forward(n)
         torch.cuda.synchronize()
         if self.has_moe:  # the profiling run must not show up in the per-expert counts
-            from shardserve.layers.moe import reset_expert_counts
             reset_expert_counts(self.model)
         total = torch.cuda.get_device_properties(self.device).total_memory
         peak = torch.cuda.max_memory_allocated()
@@ -86,7 +86,6 @@ class Worker:
         bs = self.cfg.cache.block_size
         nblocks = (num_tokens + bs - 1) // bs
         caches = self._allocate(nblocks)
-        from shardserve.engine.sequence import ScheduledSeq
         runner = ModelRunner(self.model, caches, bs, self.device, [], self.cfg.model.vocab_size)
         item = ScheduledSeq(seq_id=-1, token_ids=[0] * num_tokens, start_pos=0, block_table=list(range(nblocks)),
                             do_sample=False)
@@ -107,8 +106,7 @@ class Worker:
     def init_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.runner = ModelRunner(self.model, self._allocate(num_blocks), self.cfg.cache.block_size, self.device,
-                                  self.eos_token_ids, self.cfg.model.vocab_size, self.shard.is_last_stage,
-                                  seed=self.cfg.model.seed)
+                                  self.eos_token_ids, self.cfg.model.vocab_size, self.shard.is_last_stage)
 
     # --- a step ------------------------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
@@ -133,7 +131,6 @@ class Worker:
         tm["steps"] += 1
         timings = {**upstream, str(self.stage): {**tm, **collective_stats()}}  # comm_* only with timing on
         if self.has_moe:  # cumulative tokens per expert of this stage's MoE layers, keyed "e<layer>"
-            from shardserve.layers.moe import collect_expert_counts
             timings.update({f"e{layer}": counts for layer, counts in collect_expert_counts(self.model).items()})
         if not self.shard.is_last_stage:
             t0 = time.perf_counter()
