@@ -132,7 +132,8 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self.state == "ready"
+        """Ready, and its process still runs (a core killed a moment ago is not chosen before its channel says so)."""
+        return self.state == "ready" and (self.proc is None or self.proc.poll() is None)
 
     async def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Launch the core and wait until its engine is ready (raises EngineUnavailable with the core's reason)."""

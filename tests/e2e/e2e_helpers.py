@@ -43,16 +43,17 @@ class ServerProcess:
         return httpx.get(f"{self.url}/health", timeout=5)
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> list[int]:
-        """Wait for /health 200; returns the status codes seen on the way (503 while loading)."""
+        """Wait for /health 200 with every replica up (the server answers as soon as one is, and routes to the
+        ones that are); returns the status codes seen on the way (503 while loading)."""
         seen: list[int] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                code = self.health().status_code
-                seen.append(code)
-                if code == 200:
+                resp = self.health()
+                seen.append(resp.status_code)
+                if resp.status_code == 200 and all(r["healthy"] for r in resp.json()["replicas"]):
                     return seen
             except httpx.HTTPError:
                 pass
