@@ -197,6 +197,17 @@ class SchedulerConfig:
 
 
 @dataclass
+class RunnerConfig:
+    """How decode steps run on a GPU: replayed CUDA graphs per padded batch size, unless --enforce-eager."""
+    enforce_eager: bool = False
+    max_graph_batch_size: int | None = None   # largest captured decode batch; default --max-num-seqs (<= 512)
+
+    def __post_init__(self) -> None:
+        if self.max_graph_batch_size is not None and self.max_graph_batch_size < 1:
+            raise ConfigError(f"--max-graph-batch-size must be >= 1, got {self.max_graph_batch_size}")
+
+
+@dataclass
 class EngineConfig:
     """Everything one engine core needs."""
     model: ModelConfig
@@ -204,6 +215,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
 
     def __post_init__(self) -> None:
         validate_layout(self.model, self.parallel, self.device)
@@ -274,7 +286,7 @@ def engine_config_to_dict(cfg: EngineConfig) -> dict[str, Any]:
     return {"model": {"model": m.model, "dtype": str(m.dtype).replace("torch.", ""), "max_model_len": m.max_model_len,
                       "tokenizer": m.tokenizer, "seed": m.seed},
             "parallel": asdict(cfg.parallel), "cache": asdict(cfg.cache), "scheduler": asdict(cfg.scheduler),
-            "device": cfg.device}
+            "device": cfg.device, "runner": asdict(cfg.runner)}
 
 
 def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
@@ -282,4 +294,5 @@ def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
     return EngineConfig(model=ModelConfig.from_path(m["model"], m["dtype"], m["max_model_len"], m["tokenizer"],
                                                     m["seed"]),
                         parallel=ParallelConfig(**d["parallel"]), cache=CacheConfig(**d["cache"]),
-                        scheduler=SchedulerConfig(**d["scheduler"]), device=d["device"])
+                        scheduler=SchedulerConfig(**d["scheduler"]), device=d["device"],
+                        runner=RunnerConfig(**d.get("runner", {})))

@@ -9,6 +9,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+try:  # Triton kernels run on CPU tensors in the interpreter where no GPU is; set before triton is first imported
+    import torch
+    os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+except ImportError:
+    pass
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from shardserve.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
-                               resolve_device)
+from shardserve.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig,
+                               SchedulerConfig, resolve_device)
 
 
 @dataclass
@@ -36,6 +36,8 @@ class EngineArgs:
     max_per_device_memory: str | float | None = None
     max_micro_batches: int | None = None
     trace_file: str | None = None
+    enforce_eager: bool = False
+    max_graph_batch_size: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineArgs":
@@ -68,7 +70,8 @@ class EngineArgs:
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.enable_chunked_prefill),
-            device=resolve_device(self.device))
+            device=resolve_device(self.device),
+            runner=RunnerConfig(self.enforce_eager, self.max_graph_batch_size))
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -127,4 +130,11 @@ class EngineArgs:
         g.add_argument("--max-num-seqs", type=int, default=128, help="most sequences running at once")
         g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                        help="split long prompts over several steps, mixed with decodes")
+        g = p.add_argument_group("GPU execution")
+        g.add_argument("--enforce-eager", action="store_true",
+                       help="run decode steps eagerly instead of replaying captured CUDA graphs (GPU only; graphs "
+                            "are captured at start-up for batch sizes 1, 2, 4, 8, 16, ... up to --max-num-seqs)")
+        g.add_argument("--max-graph-batch-size", type=int, default=None,
+                       help="largest decode batch captured as a CUDA graph (default: --max-num-seqs, at most 512); "
+                            "larger decode batches run eagerly")
         return p

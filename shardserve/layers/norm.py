@@ -1,9 +1,11 @@
-"""RMSNorm, optionally fused with the residual add (computed in float32 like the reference models)."""
+"""RMSNorm, optionally fused with the residual add (computed in float32 like the reference models); one Triton kernel
+on GPU (layers.fused)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from shardserve.layers.fused import fused_kernels_for
 from shardserve.layers.lazy_tensor import LazyTensor
 
 
@@ -22,6 +24,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        if (fk := fused_kernels_for(x)) is not None:
+            return fk.rms_norm(x, self.weight, self.eps) if residual is None else \
+                fk.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

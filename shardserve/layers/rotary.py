@@ -1,4 +1,5 @@
-"""Rotary position embedding (neox/rotate-half style) with default, linear and llama3 frequency scaling."""
+"""Rotary position embedding (neox/rotate-half style) with default, linear and llama3 frequency scaling; one Triton
+kernel for q and k on GPU (layers.fused)."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from shardserve.layers.fused import fused_kernels_for
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -61,6 +64,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [tokens, heads, dim], k [tokens, kv_heads, dim], positions [tokens]."""
+        if (fk := fused_kernels_for(q)) is not None:
+            return fk.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [tokens, 1, dim]
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         q = q * cos + self._rotate_half(q) * sin

@@ -12,6 +12,7 @@ from shardserve.layers.attention import AttentionMetadata
 from shardserve.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, make_generator
 from shardserve.models.base import IntermediateTensors
 from shardserve.sampling_params import SamplingParams
+from shardserve.worker.cuda_graph import DecodeGraphs
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ModelRunner:
         self.is_last_stage = is_last_stage
         self.sampler = Sampler()
         self.states: dict[int, SeqState] = {}  # unseeded rows draw from torch's global RNG (seeded per rank)
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (GPU), set by the worker
 
     # --- per-sequence state ----------------------------------------------------------------------------------
     def update_states(self, out: SchedulerOutput) -> None:
@@ -94,6 +96,8 @@ class ModelRunner:
     # --- execution -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, intermediate: IntermediateTensors | None = None):
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, intermediate)
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, intermediate)
 
     @torch.inference_mode()

@@ -16,6 +16,7 @@ from shardserve.layers.moe import FusedMoE, collect_expert_counts, reset_expert_
 from shardserve.models.base import ModelShard
 from shardserve.models.loader import load_model
 from shardserve.utils.trace import Tracer
+from shardserve.worker.cuda_graph import MAX_GRAPH_BATCH, Capture, DecodeGraphs, capture_cuda, capture_sizes
 from shardserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Worker:
             budget = self._profile_gpu_budget()
         else:
             budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
-        return max(0, budget // max(1, self.kv_block_bytes()))
+        return max(0, budget // max(1, self.kv_block_bytes()) - self.use_graphs)  # one block: graph padding
 
     def _profile_gpu_budget(self) -> int:
         """Free device memory for the KV cache after a dummy forward of the largest batch."""
@@ -104,9 +105,33 @@ class Worker:
         return [torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(self.shard.num_local_layers)]
 
     def init_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache (plus, with CUDA graphs, one block no sequence owns, for the padding rows) and
+        capture the decode graphs."""
         self.num_blocks = num_blocks
-        self.runner = ModelRunner(self.model, self._allocate(num_blocks), self.cfg.cache.block_size, self.device,
+        caches = self._allocate(num_blocks + self.use_graphs)
+        self.runner = ModelRunner(self.model, caches, self.cfg.cache.block_size, self.device,
                                   self.eos_token_ids, self.cfg.model.vocab_size, self.shard.is_last_stage)
+        if self.use_graphs:
+            self.runner.graphs = self.capture_graphs(caches, scratch_block=num_blocks)
+
+    @property
+    def use_graphs(self) -> bool:
+        """CUDA graphs for decode: on a GPU, unless --enforce-eager, with a capturable attention backend, no MoE
+        layer (its expert counts sync with the host) and NCCL (or no) tensor-parallel collectives."""
+        tp = self.pstate.tp
+        return (self.device.startswith("cuda") and not self.cfg.runner.enforce_eager and self.backend.supports_graphs
+                and not self.has_moe and (tp.world_size == 1 or tp.backend == "nccl"))
+
+    def capture_graphs(self, caches: list[torch.Tensor], scratch_block: int, capture: Capture | None = None):
+        m, sched = self.cfg.model, self.cfg.scheduler
+        limit = min(self.cfg.runner.max_graph_batch_size or sched.max_num_seqs, sched.max_num_seqs, MAX_GRAPH_BATCH)
+        t0 = time.perf_counter()
+        graphs = DecodeGraphs(self.model, caches, self.cfg.cache.block_size, m.max_model_len, scratch_block,
+                              capture_sizes(limit), torch.device(self.device), m.hidden_size, m.dtype,
+                              first_stage=self.shard.is_first_stage, capture=capture or capture_cuda)
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(graphs.sizes), limit,
+                    time.perf_counter() - t0)
+        return graphs
 
     # --- a step ------------------------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput | None:

@@ -28,6 +28,8 @@ class AttentionMetadata:
 class AttentionBackend:
     """Writes this step's K/V into the paged cache and computes attention over each sequence's context."""
 
+    supports_graphs = False  # a pure-decode forward reads only tensors (no Python lengths): CUDA-graph capturable
+
     def kv_cache_shape(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
         """Shape of one layer's K+V cache tensor; each backend picks the layout its kernels read fastest."""
         raise NotImplementedError

@@ -1,5 +1,5 @@
 """GPU paged attention: a Triton kernel for decode that walks each sequence's block table with an online softmax
-(no gather of K/V into a padded copy); prefill and the cache layout are the torch backend's.
+(no gather of K/V into a padded copy); prefill is triton_prefill's kernel; the cache layout is the torch backend's.
 
 One program per (sequence, KV head) handles that KV head's group of query heads. The kernel also runs on CPU
 tensors under TRITON_INTERPRET=1, which is how the tests check it on machines without a GPU."""
@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 from shardserve.layers.attention.base import AttentionMetadata
-from shardserve.layers.attention.torch_backend import TorchAttentionBackend
+from shardserve.layers.attention.torch_backend import TorchAttentionBackend, write_kv_cache
+from shardserve.layers.attention.triton_prefill import prefill_from_meta
 
 
 @triton.jit
@@ -80,9 +81,21 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 
 
 class TritonAttentionBackend(TorchAttentionBackend):
-    """Torch prefill (SDPA over this step's or the gathered K/V) + the Triton paged decode kernel."""
+    """Triton kernels over the torch backend's cache layout: paged decode (one program per sequence and KV head),
+    and paged prefill for every prefill sequence of the step in one launch (triton_prefill)."""
 
-    @staticmethod
-    def _decode(q, out, kv_cache, meta: AttentionMetadata, scale: float, window: int | None) -> None:
-        nd = q.shape[0]
-        out[:nd] = paged_decode(q, kv_cache, meta.block_tables[:nd], meta.seq_lens_tensor[:nd], scale, window)
+    supports_graphs = True
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
+        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        heads, dim = q.shape[-2:]
+        nd = meta.num_decodes
+        if nd == q.shape[0]:  # a pure-decode step (the CUDA-graph path): no Python lengths are read
+            return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens_tensor, scale,
+                                sliding_window).view(-1, heads * dim)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = paged_decode(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens_tensor[:nd], scale,
+                                    sliding_window)
+        out[nd:] = prefill_from_meta(q[nd:], kv_cache, meta, scale, sliding_window)
+        return out.view(-1, heads * dim)
