@@ -6,6 +6,9 @@ prefix cache never helps) with `max_tokens=--output-len, ignore_eos`, then steps
 
     prefill_ms   wall time of the steps that still compute prompt tokens (until every sequence has its first token)
     tpot_ms      mean wall time of a pure decode step (one new token for every sequence)
+    weight_gbps  weight bytes read per decode step (every active parameter but the input embedding) / TPOT
+    bw_share     weight_gbps / (the device's measured copy bandwidth × devices): how close decode is to the memory
+                 limit (target on a GPU at batch 1: >= 80%)
     comm_share   collective time / wall time over the decode steps, from the driver rank's cumulative counters
                  (`collective_stats()` of parallel_state, switched on here with SHARDSERVE_COMM_TIMING=1, which
                  the worker adds to its stage timings: ModelRunnerOutput.timings["stage{i}_comm_s"], also
@@ -114,6 +117,7 @@ def _median(runs: list[dict], key: str) -> float | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from shardserve.bench.bandwidth import copy_bandwidth_gbps, decode_weight_bytes
     from shardserve.bench.comm import _hardware
     from shardserve.distributed.parallel_state import enable_collective_timing
     from shardserve.engine.args import EngineArgs
@@ -148,24 +152,36 @@ def run(args: argparse.Namespace) -> int:
                    **{k: _median(runs, k) for k in runs[0]}, "runs": runs}
             row["decode_tok_s"] = b / row["tpot_ms"] * 1e3 if row["tpot_ms"] else None
             rows.append(row)
+        cfg = engine.cfg
+        weight_bytes = decode_weight_bytes(cfg.model.hf_config, cfg.model.dtype)
+        devices = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size
+        copy_gbps = copy_bandwidth_gbps(cfg.device)
+        for row in rows:  # weights are read once per step whatever the batch: bytes / TPOT
+            row["weight_gbps"] = weight_bytes / (row["tpot_ms"] / 1e3) / 1e9 if row["tpot_ms"] else None
+            row["bw_share"] = row["weight_gbps"] / (copy_gbps * devices) if row["weight_gbps"] else None
     finally:
         llm.shutdown()
     tp = eargs.tensor_parallel_size
     mode = os.environ.get("SHARDSERVE_ALLREDUCE", "auto") if tp > 1 else "-"
     print(f"\nbench latency: tp={tp} pp={eargs.pipeline_parallel_size} allreduce={mode}, input {args.input_len}, "
           f"output {args.output_len}, median of {args.iters} runs ({_hardware()})")
-    print(f"{'batch':>5} {'prefill ms':>11} {'TPOT ms':>8} {'decode tok/s':>13} {'comm share':>11} "
-          f"{'comm ms/step':>13} {'calls/step':>11}")
+    print(f"weights read per decode step: {weight_bytes / 1e9:.3f} GB; measured copy bandwidth {copy_gbps:.1f} GB/s "
+          f"per device ({cfg.device}, {devices} device(s))")
+    print(f"{'batch':>5} {'prefill ms':>11} {'TPOT ms':>8} {'decode tok/s':>13} {'weight GB/s':>12} {'of copy bw':>11} "
+          f"{'comm share':>11} {'comm ms/step':>13} {'calls/step':>11}")
     for r in rows:
         share = f"{r['comm_share'] * 100:.1f}%" if r["comm_share"] is not None else "n/a"
         cms = f"{r['comm_ms_per_step']:.2f}" if r["comm_ms_per_step"] is not None else "n/a"
         calls = f"{r['comm_calls_per_step']:.0f}" if r["comm_calls_per_step"] is not None else "n/a"
+        wbw = f"{r['weight_gbps']:.1f}" if r["weight_gbps"] is not None else "n/a"
+        bws = f"{r['bw_share'] * 100:.1f}%" if r["bw_share"] is not None else "n/a"
         print(f"{r['batch_size']:>5} {r['prefill_ms']:>11.1f} {r['tpot_ms']:>8.2f} {r['decode_tok_s']:>13.1f} "
-              f"{share:>11} {cms:>13} {calls:>11}")
+              f"{wbw:>12} {bws:>11} {share:>11} {cms:>13} {calls:>11}")
     if tp > 1 and rows and rows[0]["comm_share"] is None and not args.no_comm_timing:
         print("comm share n/a: the driver rank does not report collective_stats() in its step timings")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"tp": tp, "pp": eargs.pipeline_parallel_size, "allreduce": mode, "hardware": _hardware(),
+                       "weight_bytes_per_step": weight_bytes, "copy_gbps": copy_gbps,
                        "torch": torch.__version__, "model": engine.cfg.model.model, "results": rows}, f, indent=2)
     return 0

@@ -72,4 +72,7 @@ def test_latency_tp1_run_writes_json(tiny_model, tmp_path, monkeypatch, capsys):
     for r in data["results"]:
         assert r["prefill_ms"] > 0 and r["tpot_ms"] > 0 and r["decode_steps"] == 3  # output 4 = 1 prefill + 3
         assert r["decode_tok_s"] == pytest.approx(r["batch_size"] / r["tpot_ms"] * 1e3)
+        assert r["weight_gbps"] == pytest.approx(data["weight_bytes_per_step"] / r["tpot_ms"] * 1e-6)
+        assert r["bw_share"] == pytest.approx(r["weight_gbps"] / data["copy_gbps"])
+    assert data["copy_gbps"] > 0.1
     assert "TPOT ms" in capsys.readouterr().out
