@@ -29,6 +29,11 @@ def copy_bandwidth_gbps(device: str, nbytes: int | None = None, iters: int = 10)
     return 2 * nbytes / best / 1e9
 
 
+def device_name(device: str, cpu_name: str) -> str:
+    """The GPU's name for a CUDA device, else the CPU description given."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name
+
+
 def decode_weight_bytes(hf_config: dict, dtype: torch.dtype) -> int:
     """Bytes of weights one decode token reads: every active parameter, except the input embedding, of which a
     lookup reads one row (unless it is tied to the LM head, which reads it all)."""

@@ -117,7 +117,7 @@ def _median(runs: list[dict], key: str) -> float | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from shardserve.bench.bandwidth import copy_bandwidth_gbps, decode_weight_bytes
+    from shardserve.bench.bandwidth import copy_bandwidth_gbps, decode_weight_bytes, device_name
     from shardserve.bench.comm import _hardware
     from shardserve.distributed.parallel_state import enable_collective_timing
     from shardserve.engine.args import EngineArgs
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     tp = eargs.tensor_parallel_size
     mode = os.environ.get("SHARDSERVE_ALLREDUCE", "auto") if tp > 1 else "-"
     print(f"\nbench latency: tp={tp} pp={eargs.pipeline_parallel_size} allreduce={mode}, input {args.input_len}, "
-          f"output {args.output_len}, median of {args.iters} runs ({_hardware()})")
+          f"output {args.output_len}, median of {args.iters} runs ({device_name(cfg.device, _hardware())})")
     print(f"weights read per decode step: {weight_bytes / 1e9:.3f} GB; measured copy bandwidth {copy_gbps:.1f} GB/s "
           f"per device ({cfg.device}, {devices} device(s))")
     print(f"{'batch':>5} {'prefill ms':>11} {'TPOT ms':>8} {'decode tok/s':>13} {'weight GB/s':>12} {'of copy bw':>11} "
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         print("comm share n/a: the driver rank does not report collective_stats() in its step timings")
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"tp": tp, "pp": eargs.pipeline_parallel_size, "allreduce": mode, "hardware": _hardware(),
+            json.dump({"tp": tp, "pp": eargs.pipeline_parallel_size, "allreduce": mode, "hardware": device_name(cfg.device, _hardware()),
                        "weight_bytes_per_step": weight_bytes, "copy_gbps": copy_gbps,
                        "torch": torch.__version__, "model": engine.cfg.model.model, "results": rows}, f, indent=2)
     return 0

@@ -37,9 +37,9 @@ def run_engine(llm, wl: Workload) -> float:
     return elapsed
 
 
-def run_hf(model_dir: str, wl: Workload, batch_size: int, dtype: torch.dtype) -> float:
+def run_hf(model_dir: str, wl: Workload, batch_size: int, dtype: torch.dtype, device: str = "cpu") -> float:
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     pad = 0
     t0 = time.perf_counter()
     order = list(range(len(wl.prompts)))
@@ -54,8 +54,10 @@ def run_hf(model_dir: str, wl: Workload, batch_size: int, dtype: torch.dtype) ->
             mask[r, longest - len(p):] = 1
         new = max(wl.output_lens[i] for i in idx)
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=pad)
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=pad)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -77,12 +79,14 @@ def run(args: argparse.Namespace) -> int:
            "engine_elapsed_s": elapsed, "num_prompts": args.num_prompts, "output_tokens": wl.num_output_tokens,
            "prompt_tokens": wl.num_prompt_tokens, "model": model_dir,
            "tp": eargs.tensor_parallel_size, "pp": eargs.pipeline_parallel_size,
-           "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+           "hardware": torch.cuda.get_device_name() if cfg and cfg.device.startswith("cuda") else
+           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
            "torch": torch.__version__}
     print(f"engine:       {res['engine_tok_s']:.1f} output tok/s ({res['engine_total_tok_s']:.1f} total tok/s, "
           f"{elapsed:.1f} s for {wl.num_output_tokens} output tokens)")
     if args.compare_hf:
-        hf_elapsed = run_hf(model_dir, wl, args.hf_batch_size, cfg.model.dtype if cfg else torch.float32)
+        hf_elapsed = run_hf(model_dir, wl, args.hf_batch_size, cfg.model.dtype if cfg else torch.float32,
+                            cfg.device if cfg else "cpu")
         res.update(hf_tok_s=wl.num_output_tokens / hf_elapsed, hf_elapsed_s=hf_elapsed,
                    hf_batch_size=args.hf_batch_size)
         res["ratio"] = res["engine_tok_s"] / res["hf_tok_s"]
