@@ -3,12 +3,12 @@ CUDA where a GPU is present (same test body)."""
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+from paged import random_paged_cache  # noqa: E402
 from shardserve.layers.attention.base import AttentionMetadata  # noqa: E402
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from shardserve.layers.attention.triton_backend import paged_decode  # noqa: E402
@@ -18,17 +18,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _case(heads: int, kv_heads: int, dim: int, lens: list[int], block_size: int = 16, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    num_blocks = sum(-(-n // block_size) for n in lens) + 3
-    cache = torch.randn(2, kv_heads, num_blocks, block_size, dim, generator=g).to(DEVICE, dtype)
-    ids = list(range(num_blocks))
-    random.Random(0).shuffle(ids)
-    width = max(-(-n // block_size) for n in lens)
-    tables = torch.zeros(len(lens), width, dtype=torch.int64)
-    for i, n in enumerate(lens):
-        nb = -(-n // block_size)
-        tables[i, :nb] = torch.tensor([ids.pop() for _ in range(nb)])
+    cache, tables = random_paged_cache(lens, kv_heads, dim, block_size, dtype, DEVICE, g)
     q = torch.randn(len(lens), heads, dim, generator=g).to(DEVICE, dtype)
-    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64), block_tables=tables.to(DEVICE),
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64), block_tables=tables,
                              seq_lens=lens, query_lens=[1] * len(lens),
                              seq_lens_tensor=torch.tensor(lens, device=DEVICE), num_decodes=len(lens),
                              block_size=block_size)

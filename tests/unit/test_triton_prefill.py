@@ -3,13 +3,13 @@ and on CUDA where a GPU is present (same test body)."""
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 from shardserve.layers.attention import triton_prefill  # noqa: E402
+from paged import random_paged_cache  # noqa: E402
 from shardserve.layers.attention.base import AttentionMetadata  # noqa: E402
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from shardserve.layers.attention.triton_prefill import paged_prefill, prefill_from_meta  # noqa: E402
@@ -26,22 +26,15 @@ def _case(heads: int, kv_heads: int, dim: int, seqs: list[tuple[int, int]], bloc
     g = torch.Generator().manual_seed(0)
     lens = [s for s, _ in seqs]
     q_lens = [n for _, n in seqs]
-    num_blocks = sum(-(-n // block_size) for n in lens) + 3
-    cache = torch.randn(2, kv_heads, num_blocks, block_size, dim, generator=g).to(DEVICE, dtype)
-    ids = list(range(num_blocks))
-    random.Random(0).shuffle(ids)
-    width = max(-(-n // block_size) for n in lens)
-    tables = torch.zeros(len(lens), width, dtype=torch.int64)
+    cache, tables = random_paged_cache(lens, kv_heads, dim, block_size, dtype, DEVICE, g)
     slots = []
     for i, (n, q_len) in enumerate(seqs):
-        nb = -(-n // block_size)
-        tables[i, :nb] = torch.tensor([ids.pop() for _ in range(nb)])
         slots += [int(tables[i, p // block_size]) * block_size + p % block_size for p in range(n - q_len, n)]
     tokens = sum(q_lens)
     q = torch.randn(tokens, heads, dim, generator=g).to(DEVICE, dtype)
     k = torch.randn(tokens, kv_heads, dim, generator=g).to(DEVICE, dtype)
     v = torch.randn(tokens, kv_heads, dim, generator=g).to(DEVICE, dtype)
-    meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=DEVICE), block_tables=tables.to(DEVICE),
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=DEVICE), block_tables=tables,
                              seq_lens=lens, query_lens=q_lens, seq_lens_tensor=torch.tensor(lens, device=DEVICE),
                              num_decodes=0, block_size=block_size)
     return q, k, v, cache, meta
