@@ -7,12 +7,13 @@ prefix cache never helps) with `max_tokens=--output-len, ignore_eos`, then steps
     prefill_ms   wall time of the steps that still compute prompt tokens (until every sequence has its first token)
     tpot_ms      mean wall time of a pure decode step (one new token for every sequence)
     weight_gbps  weight bytes read per decode step (every active parameter but the input embedding) / TPOT
-    bw_share     weight_gbps / (the device's measured copy bandwidth × devices): how close decode is to the memory
+    bw_share     weight_gbps / (the device's measured copy bandwidth × tp): how close decode is to the memory
                  limit (target on a GPU at batch 1: >= 80%)
     comm_share   collective time / wall time over the decode steps, from the driver rank's cumulative counters
                  (`collective_stats()` of parallel_state, switched on here with SHARDSERVE_COMM_TIMING=1, which
                  the worker adds to its stage timings: ModelRunnerOutput.timings["stage{i}_comm_s"], also
-                 engine.get_stats()["executor_stage{i}_comm_s"]); "n/a" when the worker does not report them
+                 engine.get_stats()["executor_stage{i}_comm_s"]); "n/a" when the worker does not report them.
+                 Collectives replayed inside a CUDA graph are not timed: pass --enforce-eager for it on a GPU
 
 Results are the median over --iters runs after one warm-up run per batch size.
 """
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from shardserve.bench.bandwidth import copy_bandwidth_gbps, decode_weight_bytes, device_name
     from shardserve.bench.comm import _hardware
     from shardserve.distributed.parallel_state import enable_collective_timing
+    from shardserve.config import resolve_device
     from shardserve.engine.args import EngineArgs
     from shardserve.entrypoints.llm import LLM
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
@@ -132,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ["SHARDSERVE_COMM_TIMING"] = "1"
         enable_collective_timing(True)  # ranks in this process (tp = 1)
     eargs = EngineArgs.from_cli(args)
+    # the memory yardstick first, while the device is empty (the engine takes most of a GPU's memory)
+    copy_gbps = copy_bandwidth_gbps(resolve_device(eargs.device))
     llm = LLM(**vars(eargs), use_tqdm_on_load=False)
     try:
         engine = llm.engine
@@ -154,8 +158,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
         cfg = engine.cfg
         weight_bytes = decode_weight_bytes(cfg.model.hf_config, cfg.model.dtype)
-        devices = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size
-        copy_gbps = copy_bandwidth_gbps(cfg.device)
+        devices = cfg.parallel.tensor_parallel_size  # pipeline stages read their weights one after another
         for row in rows:  # weights are read once per step whatever the batch: bytes / TPOT
             row["weight_gbps"] = weight_bytes / (row["tpot_ms"] / 1e3) / 1e9 if row["tpot_ms"] else None
             row["bw_share"] = row["weight_gbps"] / (copy_gbps * devices) if row["weight_gbps"] else None
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nbench latency: tp={tp} pp={eargs.pipeline_parallel_size} allreduce={mode}, input {args.input_len}, "
           f"output {args.output_len}, median of {args.iters} runs ({device_name(cfg.device, _hardware())})")
     print(f"weights read per decode step: {weight_bytes / 1e9:.3f} GB; measured copy bandwidth {copy_gbps:.1f} GB/s "
-          f"per device ({cfg.device}, {devices} device(s))")
+          f"per device ({cfg.device}; tp {devices} devices read in parallel)")
     print(f"{'batch':>5} {'prefill ms':>11} {'TPOT ms':>8} {'decode tok/s':>13} {'weight GB/s':>12} {'of copy bw':>11} "
           f"{'comm share':>11} {'comm ms/step':>13} {'calls/step':>11}")
     for r in rows:

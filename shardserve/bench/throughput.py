@@ -3,6 +3,7 @@ transformers `generate` (batched with left padding, as a transformers user would
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
@@ -74,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
     elapsed = run_engine(llm, wl)
     model_dir = cfg.model.model if cfg else eargs.model
     llm.shutdown()
+    del llm  # an in-process engine holds its weights and KV cache until collected: free the GPU for transformers
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     res = {"engine_tok_s": wl.num_output_tokens / elapsed,
            "engine_total_tok_s": (wl.num_output_tokens + wl.num_prompt_tokens) / elapsed,
            "engine_elapsed_s": elapsed, "num_prompts": args.num_prompts, "output_tokens": wl.num_output_tokens,

@@ -31,11 +31,15 @@ def capture_sizes(max_batch: int) -> list[int]:
 
 
 def capture_cuda(fn: Callable[[], Any], pool: Any) -> tuple[Callable[[], None], Any]:
-    """Run `fn` once eagerly (kernels compile, lazy state settles), then capture it; returns (replay, outputs)."""
-    fn()
+    """Run `fn` once eagerly (kernels compile, cuBLAS sets up its handle and workspace for the stream), then capture
+    it on that same side stream; returns (replay, outputs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
         out = fn()
     return graph.replay, out
 
@@ -119,6 +123,6 @@ class DecodeGraphs:
         replay, out = self._graphs[bs]
         replay()
         self.replays += 1
-        if isinstance(out, dict):
-            return {k: t[:n] for k, t in out.items()}
-        return out[:n]
+        if isinstance(out, dict):  # a stage's output goes to the next stage by an async send, which the next
+            return {k: t[:n].clone() for k, t in out.items()}  # replay must not overwrite
+        return out[:n]  # the last stage samples from it before the next replay

@@ -1,7 +1,7 @@
 """The attention backend interface and the per-step metadata (slot mapping, block tables, lengths)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,7 @@ class AttentionMetadata:
     seq_lens_tensor: torch.Tensor     # [seqs] int64
     num_decodes: int                  # the first num_decodes seqs have query_len == 1
     block_size: int
+    derived: dict = field(default_factory=dict, repr=False)  # tensors a backend builds once per step, for all layers
 
     @property
     def num_decode_tokens(self) -> int:

@@ -20,7 +20,7 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, sca
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr):
     seq = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1).to(tl.int64)  # kvh * stride_kh passes 2**31 in a large cache
     seq_len = tl.load(lens_ptr + seq)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)

@@ -7,7 +7,7 @@ seq_lens[i] tokens (a fresh prompt has seq_len == query_len, a chunk after a cac
 The cache is the torch backend's, [2, kv_heads, blocks, block_size, dim] per layer, and must already hold this
 step's K/V. Query at absolute position p attends keys at positions k with k <= p (and k > p - window when sliding).
 
-Algorithm: the grid is (sequence, query block, KV head). A program folds the GROUP query heads of its KV head into
+Algorithm: the grid is (query block, sequence, KV head). A program folds the GROUP query heads of its KV head into
 the rows of one tile (row r = query token r // GROUP_PAD, head r % GROUP_PAD), so K/V are read once per group; it
 walks key tiles of BLOCK_N positions (each position's cache block looked up in the table, so any block_size works),
 skipping tiles past the causal limit of its last query or wholly before the window of its first, and keeps the
@@ -33,8 +33,9 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                           DIM_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    seq = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M  # first query token of this block, relative to the sequence's chunk
+    seq = tl.program_id(1)
+    m0 = tl.program_id(0) * BLOCK_M  # first query token of this block, relative to the sequence's chunk (axis 0:
+    # the only grid axis allowed more than 65,535 programs, for very long prompts)
     kvh = tl.program_id(2).to(tl.int64)
     q_len = tl.load(query_lens_ptr + seq)
     if m0 >= q_len:  # the grid covers the longest chunk; shorter ones have nothing here
@@ -107,7 +108,7 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
         q = q.contiguous()
     k, v = kv_cache[0], kv_cache[1]
     tables = block_tables.contiguous()
-    grid = (seq_lens.shape[0], triton.cdiv(max_query_len, block_m), kv_heads)
+    grid = (triton.cdiv(max_query_len, block_m), seq_lens.shape[0], kv_heads)
     _paged_prefill_kernel[grid](
         q, k, v, out, tables, seq_lens, query_lens, query_start, scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), tables.stride(0), out.stride(0), out.stride(1),
@@ -122,10 +123,12 @@ def prefill_from_meta(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     """paged_prefill over the prefill sequences of meta (those after meta.num_decodes); q holds only their tokens."""
     nd = meta.num_decodes
     q_lens = meta.query_lens[nd:]
-    starts = [0] * len(q_lens)
-    for i in range(1, len(q_lens)):
-        starts[i] = starts[i - 1] + q_lens[i - 1]
-    ints = dict(dtype=torch.int32, device=q.device)
-    return paged_prefill(q, kv_cache, meta.block_tables[nd:], torch.tensor(meta.seq_lens[nd:], **ints),
-                         torch.tensor(q_lens, **ints), torch.tensor(starts, **ints), scale, window,
+    cached = meta.derived.get("prefill")
+    if cached is None:  # built once per step, reused by every layer
+        starts = [0] * len(q_lens)
+        for i in range(1, len(q_lens)):
+            starts[i] = starts[i - 1] + q_lens[i - 1]
+        lens = torch.tensor([meta.seq_lens[nd:], q_lens, starts], dtype=torch.int32).to(q.device)
+        cached = meta.derived["prefill"] = (lens[0], lens[1], lens[2])
+    return paged_prefill(q, kv_cache, meta.block_tables[nd:], *cached, scale, window,
                          max_query_len=max(q_lens, default=0))
