@@ -72,3 +72,55 @@ def test_cuda_graphs_match_enforce_eager(checkpoint):
             assert graphs.replays > 0
         llm.shutdown()
     assert outs[0] == outs[1]
+
+
+def test_pipeline_stage_graphs_match_eager(checkpoint, monkeypatch):
+    """Two pipeline stages in one process, each with its own graphs: the first stage's outputs (hidden states and
+    residual, cloned out of the graph's buffers) feed the second stage's static inputs; the final hidden states
+    equal the whole model's eager decode, step after step with changing batch sizes."""
+    monkeypatch.setenv("SHARDSERVE_ATTENTION_BACKEND", "triton")
+    from shardserve.config import ModelConfig
+    from shardserve.engine.sequence import ScheduledSeq, SchedulerOutput
+    from shardserve.layers.attention import get_attention_backend
+    from shardserve.models.base import ModelShard
+    from shardserve.models.loader import load_model
+    from shardserve.worker.cuda_graph import DecodeGraphs, capture_eager
+    from shardserve.worker.model_runner import ModelRunner
+
+    cfg = ModelConfig.from_path(str(checkpoint("llama")), "float32", max_model_len=128)
+    backend = get_attention_backend("cpu")
+    bs, blocks = 16, 40
+    shards = [ModelShard(None, 0, 4), ModelShard(None, 0, 2, is_last_stage=False),
+              ModelShard(None, 2, 4, is_first_stage=False)]
+    runners = []
+    for shard in shards:
+        model, _ = load_model(cfg, shard, backend, "cpu")
+        caches = [torch.zeros(backend.kv_cache_shape(blocks + 1, bs, 2, 16)) for _ in range(shard.num_local_layers)]
+        runner = ModelRunner(model, caches, bs, "cpu", [], cfg.vocab_size, shard.is_last_stage)
+        if shard.num_local_layers == 2:
+            runner.graphs = DecodeGraphs(model, caches, bs, 128, blocks, [1, 2, 4], torch.device("cpu"),
+                                         cfg.hidden_size, cfg.dtype, first_stage=shard.is_first_stage,
+                                         capture=capture_eager)
+        runners.append(runner)
+    whole, first, second = runners
+    lens = {0: 5, 1: 19, 2: 33}  # three sequences, blocks 0-2 / 3-5 / 6-8 (3 blocks each)
+    g = torch.Generator().manual_seed(0)
+
+    def step(seq_ids, prefill):
+        items = [ScheduledSeq(seq_id=i, token_ids=torch.randint(0, 1000, (lens[i] if prefill else 1,),
+                                                                generator=g).tolist(),
+                              start_pos=0 if prefill else lens[i], block_table=[3 * i, 3 * i + 1, 3 * i + 2],
+                              do_sample=False) for i in seq_ids]
+        if not prefill:
+            for i in seq_ids:
+                lens[i] += 1
+        out = SchedulerOutput(seqs=items, finished_seq_ids=[])
+        ref = whole.forward(whole.prepare_inputs(out))
+        mid = first.forward(first.prepare_inputs(out))
+        return ref, second.forward(second.prepare_inputs(out), mid)
+
+    step([0, 1, 2], prefill=True)
+    for ids in ([0, 1, 2], [0, 1, 2], [1], [0, 2], [0, 1, 2]):  # batch 3 → graph 4 (one padding row), then 1, 2
+        ref, got = step(ids, prefill=False)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert first.graphs.replays == second.graphs.replays == 5
