@@ -126,11 +126,13 @@ class Worker:
         m, sched = self.cfg.model, self.cfg.scheduler
         limit = min(self.cfg.runner.max_graph_batch_size or sched.max_num_seqs, sched.max_num_seqs, MAX_GRAPH_BATCH)
         t0 = time.perf_counter()
+        before = torch.cuda.memory_reserved(self.device) if self.device.startswith("cuda") else 0
         graphs = DecodeGraphs(self.model, caches, self.cfg.cache.block_size, m.max_model_len, scratch_block,
                               capture_sizes(limit), torch.device(self.device), m.hidden_size, m.dtype,
                               first_stage=self.shard.is_first_stage, capture=capture or capture_cuda)
-        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(graphs.sizes), limit,
-                    time.perf_counter() - t0)
+        extra = (torch.cuda.memory_reserved(self.device) - before) / 2**20 if before else 0.0
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s, %.0f MiB of graph memory beyond "
+                    "--gpu-memory-utilization", len(graphs.sizes), limit, time.perf_counter() - t0, extra)
         return graphs
 
     # --- a step ------------------------------------------------------------------------------------------------
