@@ -256,6 +256,8 @@ class MessageQueue:
             if ready():
                 return
             if q[_W_CLOSED]:
+                if ready():  # written just before the stop, after our last look: still delivered
+                    return
                 raise QueueClosed(f"message queue {self._shm.name} was stopped while {what}")
             now = time.perf_counter()
             if deadline is not None and now >= deadline:
