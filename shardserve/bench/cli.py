@@ -11,6 +11,7 @@ BENCHES = {
     "pipeline": ("shardserve.bench.pipeline", "pipeline bubble with 1 vs pp micro-batches in flight"),
     "serve": ("shardserve.bench.serve", "load a running server: request/token throughput, TTFT, TPOT, ITL"),
     "moe": ("shardserve.bench.moe", "MoE layer: TP experts vs expert parallelism (time, bytes moved)"),
+    "kernels": ("shardserve.bench.kernels", "each Triton kernel of the GPU path vs the torch code it replaces"),
 }
 
 

@@ -1,4 +1,4 @@
-"""`bench comm` and `bench latency`: flags, nccl-tests bandwidth factors, clear errors, and a tp=1 latency run."""
+"""`bench comm`, `bench latency` and `bench kernels`: flags, nccl-tests bandwidth factors, clear errors, and a tp=1 latency run."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from shardserve.bench import comm, latency
+from shardserve.bench import comm, kernels, latency
 
 
 def _parse(mod, argv: list[str]) -> argparse.Namespace:
@@ -76,3 +76,32 @@ def test_latency_tp1_run_writes_json(tiny_model, tmp_path, monkeypatch, capsys):
         assert r["bw_share"] == pytest.approx(r["weight_gbps"] / data["copy_gbps"])
     assert data["copy_gbps"] > 0.1
     assert "TPOT ms" in capsys.readouterr().out
+
+
+KERNEL_ARGS = ["--batch-sizes", "2", "--context-lens", "40", "--prefill", "2x24,1x8+20", "--tokens", "3",
+               "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--hidden", "64", "--intermediate", "96",
+               "--iters", "1"]
+
+
+def test_kernels_bench_compares_every_kernel_with_torch(tmp_path, capsys):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: the Triton interpreter (conftest sets it)
+    out = tmp_path / "k.json"
+    args = _parse(kernels, ["--device", device, "--dtype", "float32", *KERNEL_ARGS, "--output-json", str(out)])
+    assert kernels.run(args) == 0
+    data = json.loads(out.read_text())
+    assert data["interpreted"] == (device == "cpu")
+    assert [r["op"] for r in data["results"]] == ["decode", "prefill", "prefill", "add_rms_norm", "rotary",
+                                                  "silu_and_mul"]
+    for r in data["results"]:
+        assert r["max_abs_diff"] < 1e-4 and r["torch_us"] > 0 and r["triton_us"] > 0, r
+    assert "after 20 cached" in capsys.readouterr().out
+
+
+def test_kernels_bench_refuses_bad_flags(monkeypatch):
+    with pytest.raises(ValueError, match="--ops"):
+        kernels.run(_parse(kernels, ["--device", "cpu", "--ops", "decode,matmul"]))
+    with pytest.raises(ValueError, match="--kv-heads"):
+        kernels.run(_parse(kernels, ["--device", "cpu", "--heads", "6", "--kv-heads", "4"]))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        kernels.run(_parse(kernels, ["--device", "cpu"]))
