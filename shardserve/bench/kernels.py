@@ -115,6 +115,7 @@ def _attention_cases(a: argparse.Namespace, ops: list[str], dtype, dev, g):
 
 def _layer_cases(a: argparse.Namespace, ops: list[str], dtype, dev, g):
     from shardserve.layers import fused_kernels as fk
+    from shardserve.layers.activation import SiluAndMul
     from shardserve.layers.norm import RMSNorm
     from shardserve.layers.rotary import RotaryEmbedding
     norm = RMSNorm(a.hidden, 1e-5, dtype).to(dev)
@@ -124,7 +125,7 @@ def _layer_cases(a: argparse.Namespace, ops: list[str], dtype, dev, g):
         if "add_rms_norm" in ops:
             x = torch.randn(t, a.hidden, generator=g).to(dev, dtype)
             r = torch.randn(t, a.hidden, generator=g).to(dev, dtype)
-            yield ("add_rms_norm", f"{shape} x {a.hidden}", lambda x=x, r=r: norm._norm(x + r),
+            yield ("add_rms_norm", f"{shape} x {a.hidden}", lambda x=x, r=r: norm.forward_native(x, r)[0],
                    lambda x=x, r=r: fk.fused_add_rms_norm(x, r, norm.weight, norm.eps)[0])
         if "rotary" in ops:
             qkv = torch.randn(t, (a.heads + 2 * a.kv_heads) * a.head_dim, generator=g).to(dev, dtype)
@@ -132,23 +133,12 @@ def _layer_cases(a: argparse.Namespace, ops: list[str], dtype, dev, g):
             k = qkv[:, a.heads * a.head_dim:(a.heads + a.kv_heads) * a.head_dim].view(t, a.kv_heads, a.head_dim)
             pos = torch.randint(0, 8192, (t,), generator=g).to(dev)
             yield ("rotary", f"{shape}, {a.heads}+{a.kv_heads} heads",
-                   lambda q=q, k=k, pos=pos: _torch_rotary(rope, pos, q, k),
+                   lambda q=q, k=k, pos=pos: rope.forward_native(pos, q, k)[0],
                    lambda q=q, k=k, pos=pos: fk.rotary_embedding(pos, q, k, rope.cos_cache, rope.sin_cache)[0])
         if "silu_and_mul" in ops:
             x = torch.randn(t, 2 * a.intermediate, generator=g).to(dev, dtype)
-            yield ("silu_and_mul", f"{shape} x {a.intermediate}", lambda x=x: _torch_silu_and_mul(x),
+            yield ("silu_and_mul", f"{shape} x {a.intermediate}", lambda x=x: SiluAndMul.forward_native(x),
                    lambda x=x: fk.silu_and_mul(x))
-
-
-def _torch_rotary(rope, pos, q, k):  # RotaryEmbedding.forward's torch path (it would route CUDA to the kernel)
-    cos = rope.cos_cache[pos].unsqueeze(1).to(q.dtype)
-    sin = rope.sin_cache[pos].unsqueeze(1).to(q.dtype)
-    return q * cos + rope._rotate_half(q) * sin
-
-
-def _torch_silu_and_mul(x):  # SiluAndMul.forward itself would route CUDA tensors to the kernel
-    gate, up = x.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
 
 
 def _ints(s: str) -> list[int]:

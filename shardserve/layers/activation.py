@@ -12,6 +12,11 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (fk := fused_kernels_for(x)) is not None:
             return fk.silu_and_mul(x)
+        return self.forward_native(x)
+
+    @staticmethod
+    def forward_native(x: torch.Tensor) -> torch.Tensor:
+        """forward in torch ops on any device (the reference the fused kernel is checked against)."""
         gate, up = x.chunk(2, dim=-1)  # [tokens, 2 * inter] -> 2 × [tokens, inter]
         return F.silu(gate) * up
 

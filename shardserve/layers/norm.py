@@ -27,6 +27,10 @@ class RMSNorm(nn.Module):
         if (fk := fused_kernels_for(x)) is not None:
             return fk.rms_norm(x, self.weight, self.eps) if residual is None else \
                 fk.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return self.forward_native(x, residual)
+
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """forward in torch ops on any device (the reference the fused kernels are checked against)."""
         if residual is None:
             return self._norm(x)
         x = x + residual

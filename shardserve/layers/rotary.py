@@ -66,6 +66,11 @@ class RotaryEmbedding(nn.Module):
         """q [tokens, heads, dim], k [tokens, kv_heads, dim], positions [tokens]."""
         if (fk := fused_kernels_for(q)) is not None:
             return fk.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+        return self.forward_native(positions, q, k)
+
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor,
+                       k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward in torch ops on any device (the reference the fused kernel is checked against)."""
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [tokens, 1, dim]
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         q = q * cos + self._rotate_half(q) * sin

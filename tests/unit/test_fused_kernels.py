@@ -70,7 +70,7 @@ def _check_close(got, want, dtype):
 def test_rms_norm_matches_module(dtype, hidden, tokens):
     norm = _norm_module(hidden, dtype)
     x = _randn(tokens, hidden, dtype=dtype, scale=3.0)
-    _check_close(rms_norm(x, norm.weight, norm.eps), norm(x), dtype)
+    _check_close(rms_norm(x, norm.weight, norm.eps), norm.forward_native(x), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -82,7 +82,7 @@ def test_fused_add_rms_norm_matches_module(dtype, hidden, tokens):
     residual = _randn(tokens, hidden, dtype=dtype, seed=2)
     x0, r0 = x.clone(), residual.clone()
     out, new_residual = fused_add_rms_norm(x, residual, norm.weight, norm.eps)
-    want_out, want_residual = norm(x, residual)
+    want_out, want_residual = norm.forward_native(x, residual)
     assert torch.equal(new_residual, want_residual)  # one rounding of the fp32 sum, as torch's `x + residual`
     _check_close(out, want_out, dtype)
     assert torch.equal(x, x0) and torch.equal(residual, r0)  # out of place
@@ -92,13 +92,13 @@ def test_rms_norm_views_and_leading_dims():
     norm = _norm_module(80, torch.float32)
     wide = _randn(6, 200)
     x = wide[:, 10:90]  # rows strided by 200: read in place, no copy needed
-    _check_close(rms_norm(x, norm.weight, norm.eps), norm(x), torch.float32)
+    _check_close(rms_norm(x, norm.weight, norm.eps), norm.forward_native(x), torch.float32)
     x3 = _randn(2, 3, 80, seed=3)
     out = rms_norm(x3, norm.weight, norm.eps)
     assert out.shape == (2, 3, 80)
-    _check_close(out, norm(x3), torch.float32)
+    _check_close(out, norm.forward_native(x3), torch.float32)
     out, res = fused_add_rms_norm(x, x3.reshape(6, 80), norm.weight, norm.eps)
-    want_out, want_res = norm(x, x3.reshape(6, 80))
+    want_out, want_res = norm.forward_native(x, x3.reshape(6, 80))
     _check_close(out, want_out, torch.float32)
     assert torch.equal(res, want_res)
 
@@ -109,7 +109,7 @@ def test_rms_norm_promotes_like_module_with_fp32_weight():
     x = _randn(3, 48, dtype=torch.float16, scale=2.0)
     got = rms_norm(x, norm.weight, norm.eps)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, norm(x), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(got, norm.forward_native(x), rtol=2e-6, atol=2e-6)
 
 
 def test_empty_batches():
@@ -135,15 +135,15 @@ def test_silu_and_mul_matches_module(dtype, inter, tokens):
     x = _randn(tokens, 2 * inter, dtype=dtype, scale=4.0)
     got = silu_and_mul(x)
     assert got.shape == (tokens, inter)
-    _check_close(got, SiluAndMul()(x), dtype)
+    _check_close(got, SiluAndMul.forward_native(x), dtype)
 
 
 def test_silu_and_mul_several_blocks_per_row(monkeypatch):
     monkeypatch.setattr(fused_kernels, "SILU_BLOCK", 16)  # inter 40 → 3 blocks, the last one masked
     x = _randn(3, 80, scale=4.0)
-    _check_close(silu_and_mul(x), SiluAndMul()(x), torch.float32)
+    _check_close(silu_and_mul(x), SiluAndMul.forward_native(x), torch.float32)
     x3 = _randn(2, 2, 80, seed=4)
-    _check_close(silu_and_mul(x3), SiluAndMul()(x3), torch.float32)
+    _check_close(silu_and_mul(x3), SiluAndMul.forward_native(x3), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------- Rotary
@@ -186,7 +186,7 @@ def test_rotary_matches_module(kind, heads, kv_heads, dim, tokens):
         assert q.stride(0) == k.stride(0) == (heads + 2 * kv_heads) * dim  # strided along tokens
     pos = _positions(tokens, 256)
     got_q, got_k = rotary_embedding(pos, q, k, rope.cos_cache, rope.sin_cache)
-    want_q, want_k = rope(pos, q, k)
+    want_q, want_k = rope.forward_native(pos, q, k)
     _check_rope(got_q, want_q, q, torch.float32)
     _check_rope(got_k, want_k, k, torch.float32)
 
@@ -199,7 +199,7 @@ def test_rotary_head_strided_and_dim_strided_views():
     k = _randn(5, 16, 2, seed=6).transpose(1, 2)  # [5, 2, 16], stride (32, 1, 2)
     pos = torch.tensor([7, 200, 3, 3, 0], device=DEVICE)
     got_q, got_k = rotary_embedding(pos, q, k, rope.cos_cache, rope.sin_cache)
-    want_q, want_k = rope(pos, q, k)
+    want_q, want_k = rope.forward_native(pos, q, k)
     _check_rope(got_q, want_q, q, torch.float32)
     _check_rope(got_k, want_k, k, torch.float32)
 
@@ -210,10 +210,10 @@ def test_rotary_fp16_within_rounding_of_module(kind):
     q, k = _qkv(6, 4, 2, 64, torch.float16, seed=5)
     pos = torch.tensor([4095, 3, 0, 2000, 3, 17], device=DEVICE)
     got_q, got_k = rotary_embedding(pos, q, k, rope.cos_cache, rope.sin_cache)
-    want_q, want_k = rope(pos, q, k)
+    want_q, want_k = rope.forward_native(pos, q, k)
     _check_rope(got_q, want_q, q, torch.float16)
     _check_rope(got_k, want_k, k, torch.float16)
-    exact_q, _ = rope(pos, q.float(), k.float())  # and the kernel is within half an fp16 ulp of the exact result
+    exact_q, _ = rope.forward_native(pos, q.float(), k.float())  # and the kernel is within half an fp16 ulp of the exact result
     assert (got_q.float() - exact_q).abs().max().item() <= 2.0 ** -11 * q.float().abs().max().item()
 
 
@@ -227,9 +227,9 @@ def test_norms_bf16_on_gpu(hidden):
     norm = _norm_module(hidden, torch.bfloat16, eps=1e-6)
     x = _randn(33, hidden, dtype=torch.bfloat16, scale=3.0)
     residual = _randn(33, hidden, dtype=torch.bfloat16, seed=2)
-    _check_close(rms_norm(x, norm.weight, norm.eps), norm(x), torch.bfloat16)
+    _check_close(rms_norm(x, norm.weight, norm.eps), norm.forward_native(x), torch.bfloat16)
     out, new_residual = fused_add_rms_norm(x, residual, norm.weight, norm.eps)
-    want_out, want_residual = norm(x, residual)
+    want_out, want_residual = norm.forward_native(x, residual)
     assert torch.equal(new_residual, want_residual)
     _check_close(out, want_out, torch.bfloat16)
 
@@ -239,7 +239,7 @@ def test_norms_bf16_on_gpu(hidden):
 @pytest.mark.parametrize("inter", [14336, 40])
 def test_silu_and_mul_bf16_on_gpu(inter):
     x = _randn(17, 2 * inter, dtype=torch.bfloat16, scale=4.0)
-    _check_close(silu_and_mul(x), SiluAndMul()(x), torch.bfloat16)
+    _check_close(silu_and_mul(x), SiluAndMul.forward_native(x), torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -250,7 +250,7 @@ def test_rotary_bf16_on_gpu(heads, kv_heads, dim):
     q, k = _qkv(65, heads, kv_heads, dim, torch.bfloat16)
     pos = _positions(65, 8192)
     got_q, got_k = rotary_embedding(pos, q, k, rope.cos_cache, rope.sin_cache)
-    want_q, want_k = rope(pos, q, k)
+    want_q, want_k = rope.forward_native(pos, q, k)
     _check_rope(got_q, want_q, q, torch.bfloat16)
     _check_rope(got_k, want_k, k, torch.bfloat16)
 
