@@ -132,6 +132,7 @@ class ParallelConfig:
     max_per_device_memory: float | None = None  # auto partition cap: a fraction of device memory, or bytes
     max_micro_batches: int | None = None  # batches in flight (default: pp size)
     trace_file: str | None = None         # write a Chrome trace of every rank's compute/send/recv spans
+    disable_custom_all_reduce: bool = False  # every collective through NCCL/gloo: no CUDA-IPC or shared-memory path
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):

@@ -5,8 +5,10 @@ Each group has a device group (NCCL on GPU, gloo on CPU) for tensors and a CPU g
 metadata and objects; with gloo they are the same group. A group of one rank does every operation as the identity
 and never touches torch.distributed.
 
-Fast path: all_reduce, all_gather and reduce_scatter of CPU tensors go through a shared-memory segment per group
-(`shm_allreduce.py`) instead of gloo, chosen per call by `allreduce_mode` (constructor `allreduce=`, else
+Fast paths. On GPUs, `init_custom_allreduce()` (called by build_parallel_state for the tp and ep groups) maps every
+rank's buffer over CUDA IPC where the GPUs have peer access, and all_reduce of CUDA tensors up to its size limit then
+runs as one Triton kernel (`custom_allreduce.py`, impl "custom") instead of NCCL. On CPUs, all_reduce, all_gather
+and reduce_scatter of CPU tensors go through a shared-memory segment per group (`shm_allreduce.py`) instead of gloo, chosen per call by `allreduce_mode` (constructor `allreduce=`, else
 $SHARDSERVE_ALLREDUCE; the same on every rank): `auto` (default) uses shm up to `shm_max_bytes` per rank, `shm`
 for every size (chunked), `gloo` never. Device tensors and unsupported dtypes always use the process group. With
 $SHARDSERVE_COMM_TIMING=1 (or `enable_collective_timing()`) every call of a group of 2+ ranks adds its wall time
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from shardserve.distributed import codec
+from shardserve.distributed.custom_allreduce import CustomAllReduce
 from shardserve.distributed.shm_allreduce import ShmCommunicator, shm_applies
 
 __all__ = ["GroupCoordinator", "PendingSend", "collective_stats", "enable_collective_timing", "set_default_timeout",
@@ -141,6 +144,15 @@ class GroupCoordinator:
         self.last_impl = self.backend  # what the last all_reduce / all_gather / reduce_scatter used
         self._shm: ShmCommunicator | None = None
         self._shm_tried = False
+        self.custom: CustomAllReduce | None = None  # GPU one-shot all-reduce, see init_custom_allreduce
+
+    def init_custom_allreduce(self, enabled: bool = True) -> bool:
+        """Collective over the group: set up the GPU custom all-reduce where it can work (CUDA group of 2..8 ranks
+        on one host with peer access, triton on every rank, `enabled`); returns whether it is on. CPU groups and
+        groups of one rank skip it without communicating."""
+        if self.world_size > 1 and self.device.type == "cuda":
+            self.custom = CustomAllReduce.create(self, enabled=enabled)
+        return self.custom is not None
 
     def _shm_for(self, t: torch.Tensor, reduce: bool) -> ShmCommunicator | None:
         """The shared-memory path for this call, or None for the process group (same answer on every rank).
@@ -158,6 +170,7 @@ class GroupCoordinator:
         """Release this group's shared-memory segment (the process groups belong to torch.distributed)."""
         if self._shm is not None:
             self._shm.close()
+        self.custom = None
 
     def __repr__(self) -> str:
         return f"GroupCoordinator({self.name}, ranks={self.ranks}, rank_in_group={self.rank_in_group})"
@@ -199,6 +212,9 @@ class GroupCoordinator:
         if self.world_size == 1:
             return t
         t = t if t.is_contiguous() else t.contiguous()
+        if self.custom is not None and self.custom.applies(t):
+            self.last_impl = "custom"
+            return self.custom.all_reduce(t)
         if shm := self._shm_for(t, reduce=True):
             return shm.all_reduce(t)
         dist.all_reduce(t, group=self.device_group)
@@ -270,6 +286,21 @@ class GroupCoordinator:
         buf = torch.empty(int(size.item()), dtype=torch.uint8)
         dist.broadcast(buf, src=src_global, group=self.cpu_group)
         return codec.decode(_bytes_of(buf))
+
+    @_timed("all_gather_object")
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, sent msgpack-encoded (codec) over the CPU group."""
+        if self.world_size == 1:
+            return [obj]
+        data = codec.encode(obj)
+        sizes = [torch.empty(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.cpu_group)
+        longest = max(int(s.item()) for s in sizes)
+        mine = torch.zeros(longest, dtype=torch.uint8)
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+        bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        dist.all_gather(bufs, mine, group=self.cpu_group)
+        return [codec.decode(_bytes_of(b[: int(s.item())])) for b, s in zip(bufs, sizes)]
 
     @_timed("barrier")
     def barrier(self) -> None:

@@ -125,12 +125,15 @@ def mesh_groups(tp_size: int, pp_size: int = 1, dp_size: int = 1) -> dict[str, l
 
 
 def build_parallel_state(tp_size: int, pp_size: int = 1, dp_size: int = 1, backend: str = "gloo",
-                         device: torch.device | None = None, allreduce: str | None = None) -> ParallelState:
+                         device: torch.device | None = None, allreduce: str | None = None,
+                         custom_allreduce: bool = True) -> ParallelState:
     """Build every group of the mesh (after `init_distributed`) and return this rank's view.
 
     Every rank creates every group in the same order, as torch.distributed.new_group requires;
     groups with the same ranks share one process group, and one-rank groups create none.
-    `allreduce` (auto | gloo | shm, default $SHARDSERVE_ALLREDUCE or auto) picks the CPU fast path.
+    `allreduce` (auto | gloo | shm, default $SHARDSERVE_ALLREDUCE or auto) picks the CPU fast path;
+    `custom_allreduce` lets the tp and ep groups of CUDA ranks use the custom all-reduce where it can work
+    (`--disable-custom-all-reduce` turns both fast paths off: allreduce="gloo", custom_allreduce=False).
     """
     if not dist.is_initialized():
         raise RuntimeError("call init_distributed() before build_parallel_state()")
@@ -169,6 +172,8 @@ def build_parallel_state(tp_size: int, pp_size: int = 1, dp_size: int = 1, backe
             device_pg, cpu_pg = process_groups(ranks)  # collective: every rank, every group
             if rank in ranks:
                 mine[name] = GroupCoordinator(name, ranks, rank, device_pg, cpu_pg, device, allreduce)
+    for name in ("tp", "ep"):  # the groups that all-reduce activations; collective within each group
+        mine[name].init_custom_allreduce(custom_allreduce)
     return ParallelState(**mine)
 
 

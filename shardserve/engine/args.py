@@ -36,6 +36,7 @@ class EngineArgs:
     max_per_device_memory: str | float | None = None
     max_micro_batches: int | None = None
     trace_file: str | None = None
+    disable_custom_all_reduce: bool = False
     enforce_eager: bool = False
     max_graph_batch_size: int | None = None
 
@@ -66,7 +67,7 @@ class EngineArgs:
                                     self.distributed_executor_backend, self.collective_timeout_s,
                                     self.enable_expert_parallel, self.expert_placement, self.pp_partition,
                                     self.pp_layer_partition, self.max_per_device_memory, self.max_micro_batches,
-                                    self.trace_file),
+                                    self.trace_file, self.disable_custom_all_reduce),
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.enable_chunked_prefill),
@@ -112,6 +113,10 @@ class EngineArgs:
                        help="batches in flight through the pipeline (default: the pipeline size)")
         g.add_argument("--trace-file", default=None,
                        help="write a Chrome trace (open in Perfetto) of every rank's compute/send/recv spans")
+        g.add_argument("--disable-custom-all-reduce", action="store_true",
+                       help="send every all-reduce through the process group (NCCL on GPU, gloo on CPU) instead of "
+                            "shardserve's own: the one-shot CUDA-IPC kernel on GPUs with peer access (tensors up to "
+                            "2 MiB) and the shared-memory all-reduce between CPU ranks of one host")
         g.add_argument("--collective-timeout-s", type=float, default=60.0,
                        help="seconds before a stuck collective or a dead rank fails the step")
         g = p.add_argument_group("KV cache")

@@ -38,8 +38,10 @@ def run_worker(spec: dict) -> int:
     backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
     init_distributed(rank, world_size, spec["init_method"], backend, cfg.parallel.collective_timeout_s)
     par = cfg.parallel
+    own_allreduce = not par.disable_custom_all_reduce
     pstate = build_parallel_state(par.tensor_parallel_size, par.pipeline_parallel_size, 1, backend,
-                                  torch.device(cfg.device))
+                                  torch.device(cfg.device), allreduce=None if own_allreduce else "gloo",
+                                  custom_allreduce=own_allreduce)
     from shardserve.worker.worker import Worker
     requests = MessageQueue.attach(spec["requests"], reader_index=rank)
     results = MessageQueue.attach_writer(spec["results"]) if spec.get("results_rank") == rank else None

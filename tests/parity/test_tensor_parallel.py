@@ -51,6 +51,25 @@ def test_tp_matches_single_device_and_transformers(references, arch, tp):
     assert seeded == ref_seeded
 
 
+@pytest.mark.parametrize("disable", [False, True])
+def test_disable_custom_all_reduce_routes_every_all_reduce_through_gloo(references, monkeypatch, disable):
+    """--disable-custom-all-reduce: the same tokens, and the ranks' timed collectives show gloo, never shm
+    (without it, the CPU ranks' all-reduces go through shared memory)."""
+    monkeypatch.setenv("SHARDSERVE_COMM_TIMING", "1")  # inherited by the rank processes
+    path, prompts, ref_tokens, _, _ = references("llama")
+    llm = make_llm(path, 2, disable_custom_all_reduce=disable)
+    try:
+        out = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+            temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
+        stats = llm.engine.get_stats()
+    finally:
+        llm.shutdown()
+    assert [o.outputs[0].token_ids for o in out] == ref_tokens
+    calls = {impl: stats.get(f"executor_stage0_comm_tp_all_reduce_{impl}_calls", 0) for impl in ("shm", "gloo")}
+    used, unused = ("gloo", "shm") if disable else ("shm", "gloo")
+    assert calls[used] > 0 and calls[unused] == 0, calls
+
+
 def test_each_rank_reads_only_its_shard(checkpoint):
     path = checkpoint("llama")
     total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
