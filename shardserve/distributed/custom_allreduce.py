@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CUSTOM_AR_DTYPES", "CUSTOM_AR_MAX_BYTES", "MAX_PROGRAMS", "MAX_WORLD", "CustomAllReduce",
+__all__ = ["CUSTOM_AR_DTYPES", "CUSTOM_AR_MAX_BYTES", "MAX_PROGRAMS", "MAX_WORLD", "CudaIpc", "CustomAllReduce",
            "RankInfo", "buffer_bytes", "unavailable_reason"]
 
 logger = logging.getLogger(__name__)
@@ -91,15 +91,36 @@ def unavailable_reason(infos: list[RankInfo], enabled: bool = True) -> str | Non
     return None
 
 
-def _local_info(device: torch.device) -> RankInfo:
-    try:
-        import triton  # noqa: F401
-        has_triton = True
-    except ImportError:
-        has_triton = False
-    me = device.index if device.index is not None else torch.cuda.current_device()
-    peers = [d for d in range(torch.cuda.device_count()) if d == me or torch.cuda.can_device_access_peer(me, d)]
-    return RankInfo(socket.gethostname(), me, peers, has_triton)
+class CudaIpc:
+    """How `CustomAllReduce.create` shares buffers between the processes of one host: CUDA IPC. (The tests put a
+    POSIX shared-memory stand-in with the same five methods in its place to run `create` on CPU ranks.)"""
+
+    def applies(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def local_info(self, device: torch.device) -> RankInfo:
+        try:
+            import triton  # noqa: F401
+            has_triton = True
+        except ImportError:
+            has_triton = False
+        me = device.index if device.index is not None else torch.cuda.current_device()
+        peers = [d for d in range(torch.cuda.device_count()) if d == me or torch.cuda.can_device_access_peer(me, d)]
+        return RankInfo(socket.gethostname(), me, peers, has_triton)
+
+    def alloc(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        torch.cuda.synchronize(device)  # peers must not see the buffer before it is zeroed
+        return buf
+
+    def export(self, buf: torch.Tensor) -> list:
+        """The IPC handle: ints and bytes (msgpack-able), fails e.g. under expandable segments."""
+        return list(buf.untyped_storage()._share_cuda_())
+
+    def open(self, handle: list, device: torch.device) -> tuple[Any, int]:
+        """(what keeps the mapping alive, its address in this process) for a peer's handle."""
+        storage = torch.UntypedStorage._new_shared_cuda(*handle)
+        return storage, storage.data_ptr()
 
 
 class CustomAllReduce:
@@ -141,30 +162,48 @@ class CustomAllReduce:
         return t
 
     @classmethod
-    def create(cls, group: Any, max_bytes: int = CUSTOM_AR_MAX_BYTES, enabled: bool = True) -> "CustomAllReduce | None":
-        """Collective over `group` (a GroupCoordinator on a CUDA device): map every rank's buffer over CUDA IPC, or
-        return None on every rank (with the reason logged) where the custom all-reduce cannot work."""
+    def create(cls, group: Any, max_bytes: int = CUSTOM_AR_MAX_BYTES, enabled: bool = True, ipc: Any = None,
+               **kwargs: Any) -> "CustomAllReduce | None":
+        """Collective over `group` (a GroupCoordinator): map every rank's buffer (over CUDA IPC unless `ipc` says
+        otherwise), or return None on every rank, with the reason logged, where the custom all-reduce cannot work.
+        `kwargs` go to the constructor (programs, block)."""
+        ipc = ipc or CudaIpc()
         device = group.device
-        info = _local_info(device) if device.type == "cuda" and enabled else RankInfo("", -1, [], False)
+        if not ipc.applies(device):
+            return None
+        info = ipc.local_info(device) if enabled else RankInfo("", -1, [], False)
         infos = [RankInfo(**d) for d in group.all_gather_object(info.__dict__)]
-        reason = unavailable_reason(infos, enabled) if device.type == "cuda" else "not a CUDA group"
+        reason = unavailable_reason(infos, enabled)
         if reason is not None:
             logger.info("group %s: custom all-reduce off: %s; using %s", group.name, reason, group.backend)
             return None
-        own = torch.zeros(buffer_bytes(max_bytes), dtype=torch.uint8, device=device)
-        torch.cuda.synchronize(device)  # peers must not see the buffer before it is zeroed
-        storage = own.untyped_storage()
-        handles = group.all_gather_object(list(storage._share_cuda_()))
-        keep: list[Any] = []
-        ptrs = []
-        for r, handle in enumerate(handles):
+        own = ipc.alloc(buffer_bytes(max_bytes), device)
+        try:
+            handle, error = ipc.export(own), ""
+        except (RuntimeError, AttributeError, OSError) as e:
+            handle, error = [], f"exporting the buffer failed: {e}"
+        handles = group.all_gather_object([handle, error])
+        keep: list[Any] = [ipc]  # whatever the ipc holds for our own buffer lives as long as we do
+        ptrs: list[int] = []
+        error = next((f"rank {r}: {err}" for r, (_, err) in enumerate(handles) if err), "")
+        for r, (peer_handle, _) in enumerate(handles):
+            if error:
+                break
             if r == group.rank_in_group:
                 keep.append(own)
                 ptrs.append(own.data_ptr())
-            else:
-                peer = torch.UntypedStorage._new_shared_cuda(*handle)
-                keep.append(peer)
-                ptrs.append(peer.data_ptr())
-        group.barrier()  # every rank has mapped every buffer before anyone writes a flag
-        logger.info("group %s: custom all-reduce on %d GPUs, up to %d bytes", group.name, len(ptrs), max_bytes)
-        return cls(ptrs, group.rank_in_group, device, max_bytes, keep=keep)
+                continue
+            try:
+                mapping, ptr = ipc.open(peer_handle, device)
+            except (RuntimeError, AttributeError, TypeError, OSError, ValueError) as e:
+                error = f"rank {group.rank_in_group} could not open rank {r}'s buffer: {e}"
+                break
+            keep.append(mapping)
+            ptrs.append(ptr)
+        # every rank decides alike, and none writes a flag before every rank has mapped every buffer
+        errors = [err for err in group.all_gather_object(error) if err]
+        if errors:
+            logger.warning("group %s: custom all-reduce off: %s; using %s", group.name, errors[0], group.backend)
+            return None
+        logger.info("group %s: custom all-reduce on %d ranks, up to %d bytes", group.name, len(ptrs), max_bytes)
+        return cls(ptrs, group.rank_in_group, device, max_bytes, keep=keep, **kwargs)

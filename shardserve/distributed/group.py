@@ -150,7 +150,7 @@ class GroupCoordinator:
         """Collective over the group: set up the GPU custom all-reduce where it can work (CUDA group of 2..8 ranks
         on one host with peer access, triton on every rank, `enabled`); returns whether it is on. CPU groups and
         groups of one rank skip it without communicating."""
-        if self.world_size > 1 and self.device.type == "cuda":
+        if self.world_size > 1 and self.device.type == "cuda":  # same test as CudaIpc.applies: no collective
             self.custom = CustomAllReduce.create(self, enabled=enabled)
         return self.custom is not None
 

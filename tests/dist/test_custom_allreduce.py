@@ -11,11 +11,15 @@ gloo for the process group since NCCL refuses two ranks on one device), eager an
 
 from __future__ import annotations
 
+import socket
+from multiprocessing import shared_memory
+
 import pytest
 import torch
+import torch.distributed as dist
 
 from launcher import run_ranks
-from shardserve.distributed.custom_allreduce import CustomAllReduce, buffer_bytes
+from shardserve.distributed.custom_allreduce import CustomAllReduce, RankInfo
 from shardserve.distributed.message_queue import _attach_untracked
 from shardserve.distributed.parallel_state import build_parallel_state
 from shardserve.utils.network import unique_name
@@ -27,17 +31,47 @@ SIZES = [1, 7, 64, 65, 200, 512]  # elements; 512 fp32 = MAX_BYTES; 65 crosses t
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+class ShmIpc:
+    """CudaIpc's stand-in on CPU ranks: a buffer is a POSIX shared-memory segment, its handle the segment's name.
+    `fail_open_on` makes that rank fail to open peers' buffers (every rank must then fall back together)."""
+
+    def __init__(self, fail_open_on: int | None = None):
+        self.fail_open_on, self.rank = fail_open_on, None
+        self.created: list = []
+
+    def applies(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def local_info(self, device: torch.device) -> RankInfo:
+        return RankInfo(socket.gethostname(), 0, [0], True)
+
+    def alloc(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        seg = shared_memory.SharedMemory(create=True, size=nbytes, name=unique_name("car"))  # zero-filled
+        self.created.append(seg)
+        return torch.frombuffer(seg.buf, dtype=torch.uint8)
+
+    def export(self, buf: torch.Tensor) -> list:
+        return [self.created[-1].name]
+
+    def open(self, handle: list, device: torch.device):
+        if self.fail_open_on is not None and dist.get_rank() == self.fail_open_on:
+            raise OSError("refused (test)")
+        seg = _attach_untracked(handle[0])
+        view = torch.frombuffer(seg.buf, dtype=torch.uint8)
+        return (seg, view), view.data_ptr()
+
+    def unlink(self) -> None:
+        """After create: every rank has mapped the segments, so the names can go (nothing left in /dev/shm)."""
+        for seg in self.created:
+            seg.unlink()
+
+
 def _shm_custom(group, max_bytes: int, programs: int) -> CustomAllReduce:
-    """A CustomAllReduce whose buffers are shared-memory segments (one per rank, names exchanged over the group)."""
-    from multiprocessing import shared_memory
-    own = shared_memory.SharedMemory(create=True, size=buffer_bytes(max_bytes), name=unique_name("car"))
-    names = group.all_gather_object(own.name)
-    segs = [own if r == group.rank_in_group else _attach_untracked(n) for r, n in enumerate(names)]
-    group.barrier()
-    own.unlink()  # every rank has it mapped; nothing is left in /dev/shm
-    views = [torch.frombuffer(s.buf, dtype=torch.uint8) for s in segs]  # new segments are zero-filled
-    return CustomAllReduce([v.data_ptr() for v in views], group.rank_in_group, torch.device("cpu"), max_bytes,
-                           keep=(segs, views), programs=programs, block=16)
+    ipc = ShmIpc()
+    car = CustomAllReduce.create(group, max_bytes, ipc=ipc, programs=programs, block=16)
+    ipc.unlink()
+    assert car is not None and car.programs == programs and car.world == group.world_size
+    return car
 
 
 def _input(rank: int, n: int, dtype: torch.dtype, salt: int) -> torch.Tensor:
@@ -90,6 +124,21 @@ def test_custom_allreduce_over_shared_memory_matches_the_fixed_order_sum(world, 
             assert torch.equal(out, out0[3]), f"rank {r} differs from rank 0 ({dtype}, {n})"
             tol = 2.0 ** -7 if dtype == torch.bfloat16 else 0.0  # the interpreter truncates to bf16
             assert ((out.float() - want.float()).abs() <= tol * want.float().abs()).all(), f"{dtype} {n}"
+
+
+def _fallback_body(rank: int, world: int) -> dict:
+    group = build_parallel_state(tp_size=world).tp
+    failed = CustomAllReduce.create(group, 256, ipc=(ipc := ShmIpc(fail_open_on=1)))
+    ipc.unlink()
+    disabled = CustomAllReduce.create(group, 256, enabled=False, ipc=ShmIpc())
+    x = group.all_reduce(torch.ones(4))  # the group still works, through shm
+    return {"failed": failed is None, "disabled": disabled is None, "x": x, "impl": group.last_impl}
+
+
+def test_every_rank_falls_back_when_one_rank_cannot_map_a_buffer():
+    for res in run_ranks(_fallback_body, 2, timeout=120):
+        assert res["failed"] and res["disabled"] and res["impl"] == "shm"
+        assert torch.equal(res["x"], torch.full((4,), 2.0))
 
 
 def _cuda_body(rank: int, world: int) -> dict:
