@@ -24,7 +24,7 @@ import torch
 __all__ = ["add_args", "bus_factor", "run"]
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
-BACKENDS = ("auto", "gloo", "shm", "nccl")
+BACKENDS = ("auto", "gloo", "shm", "nccl", "custom")
 SPEC_ENV = "SHARDSERVE_BENCH_COMM_SPEC"
 BATCHES = 5  # timed batches per size; the median batch is reported
 TIME_PER_SIZE_S = 1.0  # fewer iterations for a size whose warm-up says --iters would take longer
@@ -40,8 +40,10 @@ def bus_factor(op: str, n: int) -> float:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--ranks", type=int, default=2, help="processes (ranks) on this host")
     p.add_argument("--backend", default="auto",
-                   help="auto (shm up to its limit, then gloo), gloo, shm or nccl (CUDA only); a comma list "
-                        "runs each in turn, e.g. shm,gloo")
+                   help="auto (shm up to its limit, then gloo), gloo, shm, nccl (CUDA, one GPU per rank) or custom "
+                        "(CUDA: the one-shot CUDA-IPC all-reduce up to 2 MiB, NCCL above; with fewer GPUs than "
+                        "ranks the ranks share GPUs over a gloo process group); a comma list runs each in turn, "
+                        "e.g. shm,gloo or custom,nccl")
     p.add_argument("--ops", default=",".join(OPS), help="comma list of " + ", ".join(OPS))
     p.add_argument("--min-bytes", default="4", help="smallest message, e.g. 4 or 1KiB")
     p.add_argument("--max-bytes", default="64MiB", help="largest message")
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if "nccl" in backends and torch.cuda.device_count() < n:
         raise ValueError(f"--backend nccl needs {n} CUDA GPUs, found {torch.cuda.device_count()}; on CPU use "
                          "--backend auto, shm or gloo")
+    if "custom" in backends and not torch.cuda.is_available():
+        raise ValueError("--backend custom is the GPU custom all-reduce and needs CUDA; on CPU use --backend shm")
     sizes = _sizes(lo, hi, args.step_factor)
     results: list[dict] = []
     for backend in backends:
@@ -198,13 +202,17 @@ def _rank_main(spec: dict) -> int:
     from shardserve.distributed.parallel_state import build_parallel_state, destroy_distributed, init_distributed
     rank, n, backend = spec["rank"], spec["world_size"], spec["backend"]
     torch.set_num_threads(spec["threads"])
-    cuda = backend == "nccl"
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    cuda = backend in ("nccl", "custom")
+    gpus = torch.cuda.device_count() if cuda else 0
+    device = torch.device("cuda", rank % gpus) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    init_distributed(rank, n, spec["init_method"], "nccl" if cuda else "gloo", timeout_s=300)
-    g = build_parallel_state(n, backend="nccl" if cuda else "gloo", device=device,
-                             allreduce="gloo" if cuda else backend).tp
+    pg = "nccl" if cuda and gpus >= n else "gloo"  # NCCL refuses two ranks on one GPU
+    init_distributed(rank, n, spec["init_method"], pg, timeout_s=300)
+    g = build_parallel_state(n, backend=pg, device=device, allreduce="gloo" if cuda else backend,
+                             custom_allreduce=backend == "custom").tp
+    if backend == "custom" and g.custom is None:
+        raise RuntimeError("--backend custom: the custom all-reduce did not come up (see the log for why)")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # settle: small all_reduces for SETTLE_S (rank 0's clock decides, the reduced flag tells everyone), so the
     # first sizes are not measured while the OS is still spreading the new processes over the cores

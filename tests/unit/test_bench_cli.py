@@ -49,6 +49,12 @@ def test_comm_nccl_without_cuda_is_a_clear_error():
         comm.run(_parse(comm, ["--backend", "nccl"]))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_comm_custom_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="custom all-reduce and needs CUDA; on CPU use --backend shm"):
+        comm.run(_parse(comm, ["--backend", "custom"]))
+
+
 def test_latency_flags_include_engine_args():
     args = _parse(latency, ["-tp", "2", "--batch-sizes", "1,16", "--allreduce", "gloo"])
     assert (args.tensor_parallel_size, args.input_len, args.output_len, args.iters) == (2, 128, 32, 3)
