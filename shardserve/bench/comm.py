@@ -41,9 +41,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--ranks", type=int, default=2, help="processes (ranks) on this host")
     p.add_argument("--backend", default="auto",
                    help="auto (shm up to its limit, then gloo), gloo, shm, nccl (CUDA, one GPU per rank) or custom "
-                        "(CUDA: the one-shot CUDA-IPC all-reduce up to 2 MiB, NCCL above; with fewer GPUs than "
-                        "ranks the ranks share GPUs over a gloo process group); a comma list runs each in turn, "
-                        "e.g. shm,gloo or custom,nccl")
+                        "(CUDA, one GPU per rank: the one-shot CUDA-IPC all-reduce up to 2 MiB, NCCL above); a "
+                        "comma list runs each in turn, e.g. shm,gloo or custom,nccl")
     p.add_argument("--ops", default=",".join(OPS), help="comma list of " + ", ".join(OPS))
     p.add_argument("--min-bytes", default="4", help="smallest message, e.g. 4 or 1KiB")
     p.add_argument("--max-bytes", default="64MiB", help="largest message")
@@ -79,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
     if "nccl" in backends and torch.cuda.device_count() < n:
         raise ValueError(f"--backend nccl needs {n} CUDA GPUs, found {torch.cuda.device_count()}; on CPU use "
                          "--backend auto, shm or gloo")
-    if "custom" in backends and not torch.cuda.is_available():
-        raise ValueError("--backend custom is the GPU custom all-reduce and needs CUDA; on CPU use --backend shm")
+    if "custom" in backends and torch.cuda.device_count() < n:
+        raise ValueError(f"--backend custom is the GPU custom all-reduce and needs {n} CUDA GPUs (one per rank: ranks "
+                         f"sharing a GPU time-slice its spinning kernels), found {torch.cuda.device_count()}; on CPU "
+                         "use --backend shm")
     sizes = _sizes(lo, hi, args.step_factor)
     results: list[dict] = []
     for backend in backends:
@@ -203,11 +204,10 @@ def _rank_main(spec: dict) -> int:
     rank, n, backend = spec["rank"], spec["world_size"], spec["backend"]
     torch.set_num_threads(spec["threads"])
     cuda = backend in ("nccl", "custom")
-    gpus = torch.cuda.device_count() if cuda else 0
-    device = torch.device("cuda", rank % gpus) if cuda else torch.device("cpu")
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    pg = "nccl" if cuda and gpus >= n else "gloo"  # NCCL refuses two ranks on one GPU
+    pg = "nccl" if cuda else "gloo"
     init_distributed(rank, n, spec["init_method"], pg, timeout_s=300)
     g = build_parallel_state(n, backend=pg, device=device, allreduce="gloo" if cuda else backend,
                              custom_allreduce=backend == "custom").tp

@@ -1,4 +1,4 @@
-"""Custom all-reduce for the GPUs of one host with peer access: every rank maps every peer's buffer (CUDA IPC) and a
+"""Custom all-reduce for the GPUs of one host with NVLink peer access: every rank maps every peer's buffer (CUDA IPC) and a
 single Triton kernel sums the group's tensors straight out of peer memory (one-shot), with no NCCL call.
 
 Why: a decode step of a tensor-parallel model does two all-reduces per layer of a few KiB to a few MiB. NCCL's
@@ -87,7 +87,7 @@ def unavailable_reason(infos: list[RankInfo], enabled: bool = True) -> str | Non
     for i in infos:
         missing = [j.device for j in infos if j.device not in i.peers_ok]
         if missing:
-            return f"cuda:{i.device} has no peer access to cuda:{missing[0]}"
+            return f"cuda:{i.device} has no NVLink peer access (with native atomics) to cuda:{missing[0]}"
     return None
 
 
@@ -99,13 +99,16 @@ class CudaIpc:
         return device.type == "cuda"
 
     def local_info(self, device: torch.device) -> RankInfo:
+        """Peers = the GPUs this one reaches with native peer atomics (NVLink; the kernel's flags are atomics into
+        peer memory, which PCIe peer access does not guarantee)."""
         try:
             import triton  # noqa: F401
             has_triton = True
         except ImportError:
             has_triton = False
         me = device.index if device.index is not None else torch.cuda.current_device()
-        peers = [d for d in range(torch.cuda.device_count()) if d == me or torch.cuda.can_device_access_peer(me, d)]
+        peers = [d for d in range(torch.cuda.device_count())
+                 if d == me or (torch.cuda.can_device_access_peer(me, d) and _native_p2p_atomics(me, d))]
         return RankInfo(socket.gethostname(), me, peers, has_triton)
 
     def alloc(self, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -114,13 +117,35 @@ class CudaIpc:
         return buf
 
     def export(self, buf: torch.Tensor) -> list:
-        """The IPC handle: ints and bytes (msgpack-able), fails e.g. under expandable segments."""
+        """torch's IPC handle of the buffer's storage: [device, handle, size, offset, ref-counter handle, ref-counter
+        offset, event handle, event sync required] (ints, bytes and a bool: msgpack-able)."""
         return list(buf.untyped_storage()._share_cuda_())
 
     def open(self, handle: list, device: torch.device) -> tuple[Any, int]:
-        """(what keeps the mapping alive, its address in this process) for a peer's handle."""
-        storage = torch.UntypedStorage._new_shared_cuda(*handle)
+        """(what keeps the mapping alive, its address in this process) for a peer's handle. torch opens a handle on
+        the device named in it, which is the owner's; naming ours instead maps the peer's memory into our context
+        (cudaIpcOpenMemHandle enables our peer access to it), which is the device our kernel runs on. The buffer
+        was synchronized before export, so no event wait."""
+        mine = list(handle)
+        mine[0], mine[7] = device.index if device.index is not None else torch.cuda.current_device(), False
+        with torch.cuda.device(device):
+            storage = torch.UntypedStorage._new_shared_cuda(*mine)
         return storage, storage.data_ptr()
+
+
+def _native_p2p_atomics(src: int, dst: int) -> bool:
+    """Whether GPU `src` can do native atomics on GPU `dst`'s memory (CUDA driver API; False if it cannot be asked)."""
+    import ctypes
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        a, b, value = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(a), src) or cuda.cuDeviceGet(ctypes.byref(b), dst):
+            return False
+        native_atomic_supported = 3  # CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED
+        return cuda.cuDeviceGetP2PAttribute(ctypes.byref(value), native_atomic_supported, a, b) == 0 \
+            and value.value == 1
+    except (OSError, AttributeError):
+        return False
 
 
 class CustomAllReduce:
@@ -158,6 +183,7 @@ class CustomAllReduce:
         from shardserve.distributed.custom_allreduce_kernel import one_shot_all_reduce
         one_shot_all_reduce[(self.programs,)](t, self._ptrs, t.numel(), self.rank, self.set_bytes, WORLD=self.world,
                                               PROGRAMS=self.programs, BLOCK=self.block, num_warps=8)
+        # (Triton launches on the current device: the worker sets it to the group's device at start-up)
         self.calls += 1
         return t
 
@@ -178,7 +204,7 @@ class CustomAllReduce:
             logger.info("group %s: custom all-reduce off: %s; using %s", group.name, reason, group.backend)
             return None
         own = ipc.alloc(buffer_bytes(max_bytes), device)
-        try:
+        try:  # export or open can fail (an allocator setting, a driver that refuses): every rank then falls back
             handle, error = ipc.export(own), ""
         except (RuntimeError, AttributeError, OSError) as e:
             handle, error = [], f"exporting the buffer failed: {e}"

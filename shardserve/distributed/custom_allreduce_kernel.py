@@ -23,7 +23,7 @@ def one_shot_all_reduce(x, ptrs, n, rank, set_bytes, WORLD: tl.constexpr, PROGRA
     counter = (own + COUNTERS_OFF + pid * 8).to(tl.pointer_type(tl.int64))
     gen = tl.load(counter) + 1  # only this program of this rank touches its counter
     set_off = DATA_OFF + (gen % 2) * set_bytes
-    mine = (own + set_off).to(tl.pointer_type(elem))
+    mine = tl.multiple_of((own + set_off).to(tl.pointer_type(elem)), 16)  # 256-byte aligned sets: vector accesses
     # 1. stage this program's tiles of the input in our own buffer
     start = pid * BLOCK
     while start < n:
@@ -49,7 +49,7 @@ def one_shot_all_reduce(x, ptrs, n, rank, set_bytes, WORLD: tl.constexpr, PROGRA
         mask = offs < n
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):
-            src = (tl.load(ptrs + r) + set_off).to(tl.pointer_type(elem))
+            src = tl.multiple_of((tl.load(ptrs + r) + set_off).to(tl.pointer_type(elem)), 16)
             acc += tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(x + offs, acc.to(elem), mask=mask)
         start += PROGRAMS * BLOCK

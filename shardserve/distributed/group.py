@@ -39,6 +39,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 _timeout_s: float | None = None  # from init_distributed (set_default_timeout); applies to every group built afterwards
 ALLREDUCE_MODES = ("auto", "gloo", "shm")
+OVERLAP_MIN_ROWS = 128  # overlapped row-parallel layers: no chunk of fewer rows (small GEMMs lose more than they hide)
 SHM_AUTO_MAX_BYTES = 64 << 20  # `auto`: shm up to this many bytes per rank (faster at every size measured)
 _timing = os.environ.get("SHARDSERVE_COMM_TIMING", "0") not in ("", "0")
 _comm_stats: dict[str, list] = {}  # "{group}_{op}_{impl}" -> [seconds, calls]
@@ -93,7 +94,7 @@ def default_timeout() -> float | None:
 
 
 class PendingSend:
-    """A non-blocking send in flight; keeps its buffer alive until `wait()`."""
+    """A non-blocking send or all-reduce in flight; keeps its buffer alive until `wait()`."""
 
     def __init__(self, work: Any, tensor: torch.Tensor):
         self._work, self._tensor = work, tensor
@@ -145,6 +146,14 @@ class GroupCoordinator:
         self._shm: ShmCommunicator | None = None
         self._shm_tried = False
         self.custom: CustomAllReduce | None = None  # GPU one-shot all-reduce, see init_custom_allreduce
+        self.overlap_chunks = 1  # row-parallel layers split their GEMM + all-reduce in up to this many pieces
+
+    def overlap_chunks_for(self, rows: int) -> int:
+        """Pieces a row-parallel layer of `rows` tokens splits into so that each piece's all-reduce runs while the
+        next piece computes (1 = no split): at most `overlap_chunks`, at least OVERLAP_MIN_ROWS rows each."""
+        if self.overlap_chunks < 2 or self.world_size == 1:
+            return 1
+        return max(1, min(self.overlap_chunks, rows // OVERLAP_MIN_ROWS))
 
     def init_custom_allreduce(self, enabled: bool = True) -> bool:
         """Collective over the group: set up the GPU custom all-reduce where it can work (CUDA group of 2..8 ranks
@@ -219,6 +228,18 @@ class GroupCoordinator:
             return shm.all_reduce(t)
         dist.all_reduce(t, group=self.device_group)
         return t
+
+    @_timed("all_reduce_async")
+    def all_reduce_async(self, t: torch.Tensor) -> PendingSend:
+        """Start summing contiguous `t` over the group in place and return at once; `wait()` on the handle before
+        reading `t`. Always the process group, which runs it beside the caller (NCCL on its own stream, gloo on
+        its own thread): the custom and shared-memory paths run on the caller's stream or thread, so nothing
+        could overlap them."""
+        if self.world_size == 1:
+            return PendingSend(None, t)
+        if not t.is_contiguous():
+            raise ValueError("all_reduce_async needs a contiguous tensor (it reduces in place)")
+        return PendingSend(dist.all_reduce(t, group=self.device_group, async_op=True), t)
 
     @_timed("all_gather")
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -172,8 +172,11 @@ def build_parallel_state(tp_size: int, pp_size: int = 1, dp_size: int = 1, backe
             device_pg, cpu_pg = process_groups(ranks)  # collective: every rank, every group
             if rank in ranks:
                 mine[name] = GroupCoordinator(name, ranks, rank, device_pg, cpu_pg, device, allreduce)
-    for name in ("tp", "ep"):  # the groups that all-reduce activations; collective within each group
-        mine[name].init_custom_allreduce(custom_allreduce)
+    mine["tp"].init_custom_allreduce(custom_allreduce)  # collective within each tp group
+    if mine["ep"].ranks == mine["tp"].ranks:  # one buffer serves both (their calls never interleave mid-kernel)
+        mine["ep"].custom = mine["tp"].custom
+    else:
+        mine["ep"].init_custom_allreduce(custom_allreduce)
     return ParallelState(**mine)
 
 

@@ -37,6 +37,7 @@ class EngineArgs:
     max_micro_batches: int | None = None
     trace_file: str | None = None
     disable_custom_all_reduce: bool = False
+    tp_overlap_chunks: int = 1
     enforce_eager: bool = False
     max_graph_batch_size: int | None = None
 
@@ -67,7 +68,8 @@ class EngineArgs:
                                     self.distributed_executor_backend, self.collective_timeout_s,
                                     self.enable_expert_parallel, self.expert_placement, self.pp_partition,
                                     self.pp_layer_partition, self.max_per_device_memory, self.max_micro_batches,
-                                    self.trace_file, self.disable_custom_all_reduce),
+                                    self.trace_file, self.disable_custom_all_reduce,
+                                    self.tp_overlap_chunks),
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.enable_chunked_prefill),
@@ -117,6 +119,10 @@ class EngineArgs:
                        help="send every all-reduce through the process group (NCCL on GPU, gloo on CPU) instead of "
                             "shardserve's own: the one-shot CUDA-IPC kernel on GPUs with peer access (tensors up to "
                             "2 MiB) and the shared-memory all-reduce between CPU ranks of one host")
+        g.add_argument("--tp-overlap-chunks", type=int, default=1,
+                       help="tensor parallel: split each row-parallel layer (attention output, MLP down) of a step "
+                            "of N x 128+ tokens into N row blocks whose all-reduces run on the process group "
+                            "(NCCL stream / gloo thread) while the next block computes; 1 (default) = no split")
         g.add_argument("--collective-timeout-s", type=float, default=60.0,
                        help="seconds before a stuck collective or a dead rank fails the step")
         g = p.add_argument_group("KV cache")

@@ -146,9 +146,25 @@ class RowParallelLinear(LinearBase):
             _copy(param.data, loaded.chunk(self.tp_size, 1, self.tp_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        if self.tp_size > 1 and self.reduce_results:
-            y = self.tp.all_reduce(y)
+        chunks = self.tp.overlap_chunks_for(x.shape[0]) if self.tp_size > 1 and self.reduce_results else 1
+        if chunks > 1 and x.dim() == 2:
+            y = self._overlapped(x, chunks)
+        else:
+            y = F.linear(x, self.weight)
+            if self.tp_size > 1 and self.reduce_results:
+                y = self.tp.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
+        return y
+
+    def _overlapped(self, x: torch.Tensor, chunks: int) -> torch.Tensor:
+        """The GEMM in `chunks` row blocks; each block's all-reduce starts as soon as it is computed and runs while
+        the next block computes (NCCL stream or gloo thread), so only the last block's all-reduce is exposed."""
+        y = x.new_empty(x.shape[0], self.weight.shape[0])  # [tokens, out]
+        pending = []
+        for x_part, y_part in zip(x.tensor_split(chunks), y.tensor_split(chunks)):  # row blocks: contiguous
+            torch.matmul(x_part, self.weight.t(), out=y_part)
+            pending.append(self.tp.all_reduce_async(y_part))
+        for p in pending:
+            p.wait()
         return y

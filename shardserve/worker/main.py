@@ -36,12 +36,15 @@ def run_worker(spec: dict) -> int:
     if cfg.device.startswith("cuda"):
         cfg.device = f"cuda:{rank % max(1, torch.cuda.device_count())}"
     backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(cfg.device)  # before any collective: NCCL and the custom all-reduce use it
     init_distributed(rank, world_size, spec["init_method"], backend, cfg.parallel.collective_timeout_s)
     par = cfg.parallel
     own_allreduce = not par.disable_custom_all_reduce
     pstate = build_parallel_state(par.tensor_parallel_size, par.pipeline_parallel_size, 1, backend,
                                   torch.device(cfg.device), allreduce=None if own_allreduce else "gloo",
                                   custom_allreduce=own_allreduce)
+    pstate.tp.overlap_chunks = par.tp_overlap_chunks
     from shardserve.worker.worker import Worker
     requests = MessageQueue.attach(spec["requests"], reader_index=rank)
     results = MessageQueue.attach_writer(spec["results"]) if spec.get("results_rank") == rank else None

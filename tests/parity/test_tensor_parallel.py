@@ -70,6 +70,30 @@ def test_disable_custom_all_reduce_routes_every_all_reduce_through_gloo(referenc
     assert calls[used] > 0 and calls[unused] == 0, calls
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_overlapped_row_parallel_layers_match_transformers(checkpoint, monkeypatch, arch):
+    """--tp-overlap-chunks 4: a 470-token prefill step runs o_proj and down_proj as 3 row blocks each, whose gloo
+    all-reduces overlap the next block's GEMM; tokens and logprobs as transformers, seeded samples as tp = 1."""
+    monkeypatch.setenv("SHARDSERVE_COMM_TIMING", "1")
+    refs = References(checkpoint, SEEDED, lengths=(300, 170), new_tokens=8)
+    path, prompts, ref_tokens, ref_logits, ref_seeded = refs(arch)
+    llm = make_llm(path, 2, tp_overlap_chunks=4, kv_cache_memory="16MiB")
+    try:
+        greedy = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+            temperature=0, max_tokens=8, ignore_eos=True, logprobs=20), use_tqdm=False)
+        seeded = llm.generate(prompt_token_ids=prompts, sampling_params=SEEDED, use_tqdm=False)
+        stats = llm.engine.get_stats()
+    finally:
+        llm.shutdown()
+    assert [o.outputs[0].token_ids for o in greedy] == ref_tokens
+    for o, logits in zip(greedy, ref_logits):
+        assert_top_logprobs_close(o.outputs[0].logprobs[0], logits)
+    assert [o.outputs[0].token_ids for o in seeded] == ref_seeded
+    # one 470-token prefill (the second generate finds the prompts in the prefix cache) x 4 layers x 2 row-parallel
+    # layers x 3 blocks
+    assert stats.get("executor_stage0_comm_tp_all_reduce_async_gloo_calls", 0) == 4 * 2 * 3
+
+
 def test_each_rank_reads_only_its_shard(checkpoint):
     path = checkpoint("llama")
     total = sum(f.stat().st_size for f in path.glob("*.safetensors"))

@@ -49,9 +49,8 @@ def test_comm_nccl_without_cuda_is_a_clear_error():
         comm.run(_parse(comm, ["--backend", "nccl"]))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
-def test_comm_custom_without_cuda_is_a_clear_error():
-    with pytest.raises(ValueError, match="custom all-reduce and needs CUDA; on CPU use --backend shm"):
+def test_comm_custom_without_a_gpu_per_rank_is_a_clear_error():
+    with pytest.raises(ValueError, match="custom all-reduce and needs 2 CUDA GPUs.*on CPU use --backend shm"):
         comm.run(_parse(comm, ["--backend", "custom"]))
 
 

@@ -35,7 +35,7 @@ def test_layout_constants_agree_with_the_kernel():
     ([_info(device=i, peers=range(9)) for i in range(9)], True, "up to 8"),
     ([_info(host="a", device=0), _info(host="b", device=1)], True, "spans hosts"),
     ([_info(device=0), _info(device=1, triton=False)], True, "triton"),
-    ([_info(device=0, peers=(0,)), _info(device=1)], True, "cuda:0 has no peer access to cuda:1"),
+    ([_info(device=0, peers=(0,)), _info(device=1)], True, "cuda:0 has no NVLink peer access (with native atomics) to cuda:1"),
 ])
 def test_unavailable_reason(infos, enabled, want):
     got = unavailable_reason(infos, enabled)

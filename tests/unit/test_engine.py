@@ -170,6 +170,8 @@ def test_bad_config_fails_at_start(llama, tmp_path):
         make_llm(llama, max_model_len=100000)
     with pytest.raises(ConfigError, match="KV cache holds 16 tokens.*at least 0.5MiB"):
         make_llm(llama, kv_cache_memory="16KiB")
+    with pytest.raises(ConfigError, match="--tp-overlap-chunks must be 1..64"):
+        make_llm(llama, tp_overlap_chunks=0)
     bad = tmp_path / "bad"
     shutil.copytree(llama, bad)
     cfg = json.loads((bad / "config.json").read_text())
