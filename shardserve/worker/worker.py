@@ -24,6 +24,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # per rank, when --kv-cache-memory is not given
 
 
+def gpu_kv_budget(total: int, utilization: float, peak_allocated: int, reserved: int, free: int) -> int:
+    """Bytes of the device the KV cache may take: `utilization` of the device, minus what this process's torch
+    tensors peaked at in the profiling forward (weights + activations), minus memory that torch's allocator does not
+    see (CUDA context, NCCL and cuBLAS buffers, other processes on the GPU): used - reserved, used = total - free."""
+    outside_torch = max(0, total - free - reserved)
+    return int(total * utilization - peak_allocated - outside_torch)
+
+
 class Worker:
     def __init__(self, cfg: EngineConfig, pstate: Any, layer_range: tuple[int, int], eos_token_ids: list[int],
                  progress: bool = False) -> None:
@@ -79,9 +87,9 @@ class Worker:
         torch.cuda.synchronize()
         if self.has_moe:  # the profiling run must not show up in the per-expert counts
             reset_expert_counts(self.model)
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        peak = torch.cuda.max_memory_allocated()
-        return int(total * self.cfg.cache.gpu_memory_utilization - peak)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return gpu_kv_budget(total, self.cfg.cache.gpu_memory_utilization, torch.cuda.max_memory_allocated(),
+                             torch.cuda.memory_reserved(), free)
 
     def _dummy_forward(self, num_tokens: int) -> None:
         bs = self.cfg.cache.block_size

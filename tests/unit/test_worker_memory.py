@@ -1,0 +1,22 @@
+"""How much of a GPU the KV cache gets (`gpu_kv_budget`), with the numbers a profiling run reads off the device."""
+from shardserve.worker.worker import gpu_kv_budget
+
+GiB = 1 << 30
+
+
+def test_budget_is_the_utilization_share_minus_torch_peak_and_memory_outside_torch():
+    # 80 GiB device, 90%: weights + activations peaked at 20 GiB inside torch; torch holds 22 GiB, the device has
+    # 56 GiB free, so 2 GiB is outside torch (CUDA context, NCCL buffers)
+    assert gpu_kv_budget(80 * GiB, 0.9, 20 * GiB, 22 * GiB, 56 * GiB) == int(72 * GiB - 20 * GiB - 2 * GiB)
+
+
+def test_another_process_on_the_gpu_shrinks_the_budget():
+    alone = gpu_kv_budget(80 * GiB, 0.9, 20 * GiB, 22 * GiB, 56 * GiB)
+    shared = gpu_kv_budget(80 * GiB, 0.9, 20 * GiB, 22 * GiB, 46 * GiB)  # someone else took 10 GiB
+    assert alone - shared == 10 * GiB
+
+
+def test_budget_can_go_negative_and_never_counts_cached_blocks_twice():
+    assert gpu_kv_budget(16 * GiB, 0.5, 10 * GiB, 12 * GiB, 3 * GiB) < 0  # the caller then gets 0 blocks
+    # free memory reported above total - reserved (a driver rounding quirk) adds nothing
+    assert gpu_kv_budget(10 * GiB, 1.0, 4 * GiB, 4 * GiB, 7 * GiB) == 6 * GiB
