@@ -147,7 +147,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = self.tp.overlap_chunks_for(x.shape[0]) if self.tp_size > 1 and self.reduce_results else 1
-        if chunks > 1 and x.dim() == 2:
+        if chunks > 1 and x.dim() == 2 and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             y = self._overlapped(x, chunks)
         else:
             y = F.linear(x, self.weight)

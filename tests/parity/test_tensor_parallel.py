@@ -30,9 +30,17 @@ def run_layout(path, prompts, **kw):
         greedy = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
             temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=20), use_tqdm=False)
         seeded = llm.generate(prompt_token_ids=prompts, sampling_params=SEEDED, use_tqdm=False)
-        return greedy, [o.outputs[0].token_ids for o in seeded], llm.engine.executor
+        return greedy, [o.outputs[0].token_ids for o in seeded], llm.engine.get_stats()
     finally:
         llm.shutdown()
+
+
+def assert_parity(greedy, seeded, ref_tokens, ref_logits, ref_seeded) -> None:
+    """Greedy tokens as transformers, first-step top-20 logprobs within 1e-4, seeded samples as tp = 1."""
+    assert [o.outputs[0].token_ids for o in greedy] == ref_tokens
+    for o, logits in zip(greedy, ref_logits):
+        assert_top_logprobs_close(o.outputs[0].logprobs[0], logits)
+    assert seeded == ref_seeded
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +52,8 @@ def references(checkpoint):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_tp_matches_single_device_and_transformers(references, arch, tp):
     path, prompts, ref_tokens, ref_logits, ref_seeded = references(arch)
-    greedy, seeded, executor = run_layout(path, prompts, tp=tp)
-    assert [o.outputs[0].token_ids for o in greedy] == ref_tokens
-    for o, logits in zip(greedy, ref_logits):
-        assert_top_logprobs_close(o.outputs[0].logprobs[0], logits)
-    assert seeded == ref_seeded
+    greedy, seeded, _ = run_layout(path, prompts, tp=tp)
+    assert_parity(greedy, seeded, ref_tokens, ref_logits, ref_seeded)
 
 
 @pytest.mark.parametrize("disable", [False, True])
@@ -56,15 +61,9 @@ def test_disable_custom_all_reduce_routes_every_all_reduce_through_gloo(referenc
     """--disable-custom-all-reduce: the same tokens, and the ranks' timed collectives show gloo, never shm
     (without it, the CPU ranks' all-reduces go through shared memory)."""
     monkeypatch.setenv("SHARDSERVE_COMM_TIMING", "1")  # inherited by the rank processes
-    path, prompts, ref_tokens, _, _ = references("llama")
-    llm = make_llm(path, 2, disable_custom_all_reduce=disable)
-    try:
-        out = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
-            temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
-        stats = llm.engine.get_stats()
-    finally:
-        llm.shutdown()
-    assert [o.outputs[0].token_ids for o in out] == ref_tokens
+    path, prompts, ref_tokens, ref_logits, ref_seeded = references("llama")
+    greedy, seeded, stats = run_layout(path, prompts, tp=2, disable_custom_all_reduce=disable)
+    assert_parity(greedy, seeded, ref_tokens, ref_logits, ref_seeded)
     calls = {impl: stats.get(f"executor_stage0_comm_tp_all_reduce_{impl}_calls", 0) for impl in ("shm", "gloo")}
     used, unused = ("gloo", "shm") if disable else ("shm", "gloo")
     assert calls[used] > 0 and calls[unused] == 0, calls
@@ -75,20 +74,10 @@ def test_overlapped_row_parallel_layers_match_transformers(checkpoint, monkeypat
     """--tp-overlap-chunks 4: a 470-token prefill step runs o_proj and down_proj as 3 row blocks each, whose gloo
     all-reduces overlap the next block's GEMM; tokens and logprobs as transformers, seeded samples as tp = 1."""
     monkeypatch.setenv("SHARDSERVE_COMM_TIMING", "1")
-    refs = References(checkpoint, SEEDED, lengths=(300, 170), new_tokens=8)
+    refs = References(checkpoint, SEEDED, lengths=(300, 170), new_tokens=NEW_TOKENS)
     path, prompts, ref_tokens, ref_logits, ref_seeded = refs(arch)
-    llm = make_llm(path, 2, tp_overlap_chunks=4, kv_cache_memory="16MiB")
-    try:
-        greedy = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
-            temperature=0, max_tokens=8, ignore_eos=True, logprobs=20), use_tqdm=False)
-        seeded = llm.generate(prompt_token_ids=prompts, sampling_params=SEEDED, use_tqdm=False)
-        stats = llm.engine.get_stats()
-    finally:
-        llm.shutdown()
-    assert [o.outputs[0].token_ids for o in greedy] == ref_tokens
-    for o, logits in zip(greedy, ref_logits):
-        assert_top_logprobs_close(o.outputs[0].logprobs[0], logits)
-    assert [o.outputs[0].token_ids for o in seeded] == ref_seeded
+    greedy, seeded, stats = run_layout(path, prompts, tp=2, tp_overlap_chunks=4, kv_cache_memory="16MiB")
+    assert_parity(greedy, seeded, ref_tokens, ref_logits, ref_seeded)
     # one 470-token prefill (the second generate finds the prompts in the prefix cache) x 4 layers x 2 row-parallel
     # layers x 3 blocks
     assert stats.get("executor_stage0_comm_tp_all_reduce_async_gloo_calls", 0) == 4 * 2 * 3
