@@ -73,6 +73,15 @@ def _comm(timings: dict) -> tuple[float, float] | None:
     return timings[f"stage{last}_comm_s"], timings.get(f"stage{last}_comm_calls", 0.0)
 
 
+def _allreduce_label(tp: int, device: str, disabled: bool) -> str:
+    """What the tp all-reduces ran on, for the header and the JSON."""
+    if tp == 1:
+        return "-"
+    if device.startswith("cuda"):
+        return "nccl (custom all-reduce off)" if disabled else "custom where the GPUs allow (up to 2 MiB), else nccl"
+    return "gloo (--disable-custom-all-reduce)" if disabled else os.environ.get("SHARDSERVE_ALLREDUCE", "auto")
+
+
 def _one_run(engine: Any, rec: _StepRecorder, prompts: list[list[int]], output_len: int, tag: str) -> dict:
     from shardserve.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
@@ -128,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     if not batch_sizes or min(batch_sizes) < 1 or args.input_len < 1 or args.output_len < 2 or args.iters < 1:
         raise ValueError("need --batch-sizes >= 1, --input-len >= 1, --output-len >= 2 (one decode step) and "
                          "--iters >= 1")
+    if args.allreduce == "shm" and args.disable_custom_all_reduce:
+        raise ValueError("--allreduce shm contradicts --disable-custom-all-reduce (which sends every all-reduce "
+                         "through the process group); drop one of them")
     if args.allreduce:
         os.environ["SHARDSERVE_ALLREDUCE"] = args.allreduce  # inherited by the rank processes
     if not args.no_comm_timing:
@@ -165,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         llm.shutdown()
     tp = eargs.tensor_parallel_size
-    mode = os.environ.get("SHARDSERVE_ALLREDUCE", "auto") if tp > 1 else "-"
+    mode = _allreduce_label(tp, cfg.device, cfg.parallel.disable_custom_all_reduce)
     print(f"\nbench latency: tp={tp} pp={eargs.pipeline_parallel_size} allreduce={mode}, input {args.input_len}, "
           f"output {args.output_len}, median of {args.iters} runs ({device_name(cfg.device, _hardware())})")
     print(f"weights read per decode step: {weight_bytes / 1e9:.3f} GB; measured copy bandwidth {copy_gbps:.1f} GB/s "

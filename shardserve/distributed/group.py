@@ -94,14 +94,18 @@ def default_timeout() -> float | None:
 
 
 class PendingSend:
-    """A non-blocking send or all-reduce in flight; keeps its buffer alive until `wait()`."""
+    """A non-blocking send or all-reduce in flight; keeps its buffer alive until `wait()`. With `stat_key` (timing
+    on), the time `wait()` blocks is added to that collective's time (not its call count)."""
 
-    def __init__(self, work: Any, tensor: torch.Tensor):
-        self._work, self._tensor = work, tensor
+    def __init__(self, work: Any, tensor: torch.Tensor, stat_key: str | None = None):
+        self._work, self._tensor, self._stat_key = work, tensor, stat_key
 
     def wait(self) -> None:
         if self._work is not None:
+            t0 = time.perf_counter()
             self._work.wait()
+            if self._stat_key is not None:
+                _comm_stats.setdefault(self._stat_key, [0.0, 0])[0] += time.perf_counter() - t0
         self._work = self._tensor = None
 
     def is_completed(self) -> bool:
@@ -226,7 +230,7 @@ class GroupCoordinator:
             return self.custom.all_reduce(t)
         if shm := self._shm_for(t, reduce=True):
             return shm.all_reduce(t)
-        dist.all_reduce(t, group=self.device_group)
+        dist.all_reduce(t, group=self._group_for(t))
         return t
 
     @_timed("all_reduce_async")
@@ -239,7 +243,8 @@ class GroupCoordinator:
             return PendingSend(None, t)
         if not t.is_contiguous():
             raise ValueError("all_reduce_async needs a contiguous tensor (it reduces in place)")
-        return PendingSend(dist.all_reduce(t, group=self.device_group, async_op=True), t)
+        work = dist.all_reduce(t, group=self._group_for(t), async_op=True)
+        return PendingSend(work, t, f"{self.name}_all_reduce_async_{self.backend}" if _timing else None)
 
     @_timed("all_gather")
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -255,7 +260,7 @@ class GroupCoordinator:
         if shm := self._shm_for(src, reduce=False):
             shm.all_gather(src, flat)
         else:
-            _all_gather_single(flat, src, group=self.device_group)  # [world * shape[0], ...]
+            _all_gather_single(flat, src, group=self._group_for(src))  # [world * shape[0], ...]
         out = flat.view((self.world_size,) + shape)  # [world, *shape]
         out = out.movedim(0, dim)  # [*shape[:dim], world, shape[dim], *shape[dim+1:]]
         return out.reshape(shape[:dim] + (self.world_size * shape[dim],) + shape[dim + 1 :])
@@ -275,7 +280,7 @@ class GroupCoordinator:
         if shm := self._shm_for(inp, reduce=True):
             shm.reduce_scatter(inp.view(self.world_size, -1), out.view(-1))  # [world, m] -> [m]
         else:
-            _reduce_scatter_single(out, inp, group=self.device_group)
+            _reduce_scatter_single(out, inp, group=self._group_for(inp))
         return out.movedim(0, dim).contiguous()
 
     @_timed("broadcast")
@@ -284,7 +289,7 @@ class GroupCoordinator:
         if self.world_size == 1:
             return t
         buf = t if t.is_contiguous() else t.contiguous()
-        dist.broadcast(buf, src=self._global(src, "src"), group=self.device_group)
+        dist.broadcast(buf, src=self._global(src, "src"), group=self._group_for(buf))
         if buf is not t:
             t.copy_(buf)
         return t
@@ -307,6 +312,20 @@ class GroupCoordinator:
         buf = torch.empty(int(size.item()), dtype=torch.uint8)
         dist.broadcast(buf, src=src_global, group=self.cpu_group)
         return codec.decode(_bytes_of(buf))
+
+    def warm_up(self, p2p: bool = False) -> None:
+        """Collective: one tiny all-reduce on the device group (and with `p2p`, a send down the ring order of the
+        group, as pipeline stages do), so NCCL creates its communicators and buffers now (before the KV cache is
+        sized from the free memory) rather than at the first real step."""
+        if self.world_size == 1:
+            return
+        t = torch.zeros(1, device=self.device)
+        dist.all_reduce(t, group=self.device_group)
+        if p2p:
+            if not self.is_first_rank:
+                dist.recv(t, src=self.ranks[self.rank_in_group - 1], group=self.device_group)
+            if not self.is_last_rank:
+                dist.send(t, dst=self.ranks[self.rank_in_group + 1], group=self.device_group)
 
     @_timed("all_gather_object")
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -343,6 +362,7 @@ class GroupCoordinator:
         return t
 
     def _group_for(self, t: torch.Tensor) -> Any:
+        """CPU tensors go over the gloo `cpu_group` (an NCCL device group cannot carry them), others the device group."""
         return self.cpu_group if t.device.type == "cpu" else self.device_group
 
     def _tensor_dict_parts(self, d: dict) -> list[tuple[torch.Tensor, Any]]:

@@ -45,6 +45,8 @@ def run_worker(spec: dict) -> int:
                                   torch.device(cfg.device), allreduce=None if own_allreduce else "gloo",
                                   custom_allreduce=own_allreduce)
     pstate.tp.overlap_chunks = par.tp_overlap_chunks
+    pstate.tp.warm_up()  # NCCL communicators exist before the KV cache is sized from the free memory
+    pstate.pp.warm_up(p2p=True)
     from shardserve.worker.worker import Worker
     requests = MessageQueue.attach(spec["requests"], reader_index=rank)
     results = MessageQueue.attach_writer(spec["results"]) if spec.get("results_rank") == rank else None

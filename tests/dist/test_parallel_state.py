@@ -121,3 +121,46 @@ def test_build_requires_init_and_a_matching_world():
     assert not dist.is_initialized(), "this test needs a process with no process group"
     with pytest.raises(RuntimeError, match="init_distributed"):
         build_parallel_state(tp_size=1)
+
+
+def _cpu_tensors_on_a_device_only_group(rank: int, world: int) -> dict:
+    """The default group serves only CUDA tensors ("cuda:gloo": how an NCCL group looks to a CPU tensor); a
+    GroupCoordinator must send CPU tensors over its gloo cpu_group instead (the worker all-gathers CPU ints over
+    the world group at start-up, and --disable-custom-all-reduce turns the shared-memory path off)."""
+    cpu_pg = dist.new_group(list(range(world)), backend="gloo")
+    g = GroupCoordinator("world", list(range(world)), rank, dist.group.WORLD, cpu_pg, allreduce="gloo")
+    try:
+        dist.all_reduce(torch.ones(1), group=dist.group.WORLD)
+        raw_ok = True
+    except RuntimeError:
+        raw_ok = False  # the premise: this group cannot carry a CPU tensor
+    x = torch.full((3,), float(rank + 1))
+    out = {"raw_ok": raw_ok, "sum": g.all_reduce(x.clone()), "gather": g.all_gather(x, 0),
+           "rs": g.reduce_scatter(torch.arange(4.0), 0), "bcast": g.broadcast(x.clone(), 1),
+           "objs": g.all_gather_object({"rank": rank, "b": b"\x00" * rank})}
+    y = x.clone()
+    g.all_reduce_async(y).wait()
+    out["async"] = y
+    return out
+
+
+def test_cpu_tensors_take_the_cpu_group_when_the_device_group_cannot_carry_them():
+    results = run_ranks(_cpu_tensors_on_a_device_only_group, 2, backend="cuda:gloo", timeout=60)
+    for rank, r in enumerate(results):
+        assert not r["raw_ok"]
+        assert torch.equal(r["sum"], torch.full((3,), 3.0)) and torch.equal(r["async"], torch.full((3,), 3.0))
+        assert torch.equal(r["gather"], torch.tensor([1.0, 1, 1, 2, 2, 2]))
+        assert torch.equal(r["rs"], torch.arange(4.0)[2 * rank:2 * rank + 2] * 2)
+        assert torch.equal(r["bcast"], torch.full((3,), 2.0))
+        assert r["objs"] == [{"rank": 0, "b": b""}, {"rank": 1, "b": b"\x00"}]
+
+
+def _warm_up(rank: int, world: int) -> bool:
+    state = build_parallel_state(tp_size=2, pp_size=world // 2)
+    state.tp.warm_up()
+    state.pp.warm_up(p2p=True)
+    return True
+
+
+def test_warm_up_runs_on_every_group_without_deadlock():
+    assert run_ranks(_warm_up, 4, timeout=60) == [True] * 4

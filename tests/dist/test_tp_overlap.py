@@ -44,11 +44,20 @@ def _body(rank: int, world: int) -> dict:
             stats = collective_stats()
             out[f"{bias}_{rows}"] = {"plain": plain, "split": split, "chunks": tp.overlap_chunks_for(rows),
                                      "async_calls": stats.get("comm_tp_all_reduce_async_gloo_calls", 0)}
+    # reduce_results=False (the MoE shared expert: summed into the block's one all-reduce): never split or reduced
+    partial = _layer(tp, False)
+    partial.reduce_results = False
+    x = torch.randn(4 * OVERLAP_MIN_ROWS, IN // world, generator=torch.Generator().manual_seed(1))
+    collective_stats(reset=True)
+    out["partial"] = {"y": partial(x), "want": x @ partial.weight.t(), "stats": collective_stats()}
     return out
 
 
 def test_overlapped_row_parallel_matches_the_unsplit_layer():
     results = run_ranks(_body, 2, timeout=120)
+    partial = results[0].pop("partial")
+    assert torch.equal(partial["y"], partial["want"]) and partial["stats"].get("comm_calls", 0) == 0
+    results[1].pop("partial")
     for key, r in results[0].items():
         rows = int(key.split("_")[1])
         want_chunks = min(3, max(1, rows // OVERLAP_MIN_ROWS))

@@ -61,6 +61,7 @@ def test_disable_custom_all_reduce_routes_every_all_reduce_through_gloo(referenc
     """--disable-custom-all-reduce: the same tokens, and the ranks' timed collectives show gloo, never shm
     (without it, the CPU ranks' all-reduces go through shared memory)."""
     monkeypatch.setenv("SHARDSERVE_COMM_TIMING", "1")  # inherited by the rank processes
+    monkeypatch.delenv("SHARDSERVE_ALLREDUCE", raising=False)  # the default (auto) is what disable=False checks
     path, prompts, ref_tokens, ref_logits, ref_seeded = references("llama")
     greedy, seeded, stats = run_layout(path, prompts, tp=2, disable_custom_all_reduce=disable)
     assert_parity(greedy, seeded, ref_tokens, ref_logits, ref_seeded)

@@ -49,6 +49,7 @@ def test_comm_nccl_without_cuda_is_a_clear_error():
         comm.run(_parse(comm, ["--backend", "nccl"]))
 
 
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="the error is for machines with fewer than 2 GPUs")
 def test_comm_custom_without_a_gpu_per_rank_is_a_clear_error():
     with pytest.raises(ValueError, match="custom all-reduce and needs 2 CUDA GPUs.*on CPU use --backend shm"):
         comm.run(_parse(comm, ["--backend", "custom"]))
@@ -58,6 +59,24 @@ def test_latency_flags_include_engine_args():
     args = _parse(latency, ["-tp", "2", "--batch-sizes", "1,16", "--allreduce", "gloo"])
     assert (args.tensor_parallel_size, args.input_len, args.output_len, args.iters) == (2, 128, 32, 3)
     assert args.batch_sizes == "1,16" and args.allreduce == "gloo" and args.output_json is None
+
+
+def test_latency_allreduce_shm_with_disable_custom_all_reduce_is_refused():
+    args = _parse(latency, ["-tp", "2", "--allreduce", "shm", "--disable-custom-all-reduce"])
+    with pytest.raises(ValueError, match="contradicts --disable-custom-all-reduce"):
+        latency.run(args)
+
+
+@pytest.mark.parametrize("tp, device, disabled, env, want", [
+    (1, "cpu", False, "gloo", "-"),
+    (2, "cpu", False, "shm", "shm"),
+    (2, "cpu", True, "auto", "gloo (--disable-custom-all-reduce)"),
+    (2, "cuda:0", False, "auto", "custom where the GPUs allow (up to 2 MiB), else nccl"),
+    (2, "cuda:0", True, "auto", "nccl (custom all-reduce off)"),
+])
+def test_latency_names_what_the_all_reduces_ran_on(monkeypatch, tp, device, disabled, env, want):
+    monkeypatch.setenv("SHARDSERVE_ALLREDUCE", env)
+    assert latency._allreduce_label(tp, device, disabled) == want
 
 
 def test_latency_tp1_run_writes_json(tiny_model, tmp_path, monkeypatch, capsys):

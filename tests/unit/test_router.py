@@ -194,3 +194,17 @@ def test_merge_keeps_indices_of_both():
     b = RequestOutput("r", None, [1], [CompletionOutput(0, "xz", [1, 3], text_delta="z", token_ids_delta=[3])], False)
     m = _merge(a, b)
     assert [(c.index, c.text_delta, c.token_ids_delta) for c in m.outputs] == [(0, "xz", [1, 3]), (1, "y", [2])]
+
+
+def test_gpu_replicas_get_disjoint_gpus():
+    """Each data-parallel replica of a GPU engine sees only its own tp x pp GPUs (CUDA_VISIBLE_DEVICES)."""
+    import pytest
+
+    from shardserve.config import ConfigError
+    from shardserve.engine.core_proc import replica_gpus
+    visible = ["0", "1", "2", "3", "5"]
+    assert [replica_gpus("cuda", 2, r, visible) for r in (0, 1)] == ["0,1", "2,3"]
+    assert [replica_gpus("cuda", 1, r, visible) for r in range(5)] == ["0", "1", "2", "3", "5"]
+    assert replica_gpus("cpu", 2, 3, []) is None
+    with pytest.raises(ConfigError, match="replica 2 needs GPUs 4..5 .* but 5 are visible"):
+        replica_gpus("cuda", 2, 2, visible)

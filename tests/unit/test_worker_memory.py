@@ -20,3 +20,26 @@ def test_budget_can_go_negative_and_never_counts_cached_blocks_twice():
     assert gpu_kv_budget(16 * GiB, 0.5, 10 * GiB, 12 * GiB, 3 * GiB) < 0  # the caller then gets 0 blocks
     # free memory reported above total - reserved (a driver rounding quirk) adds nothing
     assert gpu_kv_budget(10 * GiB, 1.0, 4 * GiB, 4 * GiB, 7 * GiB) == 6 * GiB
+
+
+def test_profiling_reads_the_device_and_feeds_the_budget(monkeypatch):
+    """Worker._profile_gpu_budget on fake device readings: the forward runs at the step's token budget, and the
+    readings reach gpu_kv_budget in the right places (free from mem_get_info, peak allocated, reserved)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from shardserve.worker.worker import Worker
+    calls = []
+    for name in ("empty_cache", "reset_peak_memory_stats", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name: calls.append(_n))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (56 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 20 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 22 * GiB)
+    cfg = SimpleNamespace(scheduler=SimpleNamespace(max_num_batched_tokens=2048),
+                          model=SimpleNamespace(max_model_len=1024),
+                          cache=SimpleNamespace(gpu_memory_utilization=0.9))
+    fake = SimpleNamespace(cfg=cfg, device="cuda:0", has_moe=False,
+                           _dummy_forward=lambda n: calls.append(("forward", n)))
+    assert Worker._profile_gpu_budget(fake) == gpu_kv_budget(80 * GiB, 0.9, 20 * GiB, 22 * GiB, 56 * GiB)
+    assert ("forward", 1024) in calls and calls.index("reset_peak_memory_stats") < calls.index(("forward", 1024))
