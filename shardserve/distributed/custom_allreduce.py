@@ -26,8 +26,10 @@ kernel for g (every program of it) finished reading. A peer is therefore at most
 grow, so `>= g` accepts it) and then writes the other set. No host state changes between calls: the launch can be
 captured in a CUDA graph and replayed.
 
-A dead peer leaves the others spinning in the kernel (as NCCL would hang in its own); the engine sees the rank's
-process die and fails its requests.
+At start-up `create` sums a known tensor on every rank; if any rank gets a wrong sum, every rank falls back to
+NCCL, and if the check's kernel does not finish in the collective timeout it raises naming
+--disable-custom-all-reduce (a stuck kernel cannot be cancelled). Later, a dead peer leaves the others spinning
+in the kernel (as NCCL would hang in its own); the engine sees the rank's process die and fails its requests.
 
 The same kernel runs on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1) over buffers in POSIX
 shared memory: that is how tests/dist/test_custom_allreduce.py checks the protocol without a GPU.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,5 +234,30 @@ class CustomAllReduce:
         if errors:
             logger.warning("group %s: custom all-reduce off: %s; using %s", group.name, errors[0], group.backend)
             return None
+        car = cls(ptrs, group.rank_in_group, device, max_bytes, keep=keep, **kwargs)
+        wrong = [err for err in group.all_gather_object(car.self_test(group.timeout_s)) if err]
+        if wrong:
+            logger.warning("group %s: custom all-reduce off: its start-up check failed (%s); using %s", group.name,
+                           wrong[0], group.backend)
+            return None
         logger.info("group %s: custom all-reduce on %d ranks, up to %d bytes", group.name, len(ptrs), max_bytes)
-        return cls(ptrs, group.rank_in_group, device, max_bytes, keep=keep, **kwargs)
+        return car
+
+    def self_test(self, timeout_s: float = 60.0) -> str:
+        """Sum a known tensor (rank r contributes r + 1 everywhere, over several tiles) and check it; "" if right.
+        A kernel still spinning after `timeout_s` (a peer's flags never arrive) cannot be stopped, so that raises
+        with the way out, instead of hanging the engine at its first step."""
+        n = min(self.max_bytes // 4, self.programs * self.block * 2 + 3)
+        x = torch.full((n,), float(self.rank + 1), device=self.device)
+        self.all_reduce(x)
+        if x.is_cuda:
+            done, deadline = torch.cuda.Event(), time.monotonic() + timeout_s
+            done.record()
+            while not done.query():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the custom all-reduce's start-up check did not finish within {timeout_s:g} s "
+                                       "(a peer GPU never signalled); restart with --disable-custom-all-reduce")
+                time.sleep(1e-3)
+        want = self.world * (self.world + 1) / 2
+        bad = int((x != want).sum().item())
+        return f"rank {self.rank}: {bad} of {n} elements wrong" if bad else ""

@@ -110,7 +110,7 @@ def test_custom_allreduce_over_shared_memory_matches_the_fixed_order_sum(world, 
     n_custom = len(results[0]["outs"])
     for r, res in enumerate(results):
         assert res["impls"] == ["custom"] * n_custom + ["shm", "shm", "custom"], f"rank {r}"
-        assert res["calls"] == n_custom + 1
+        assert res["calls"] == 1 + n_custom + 1  # the start-up check, the loop, the last call
         assert torch.equal(res["big"], torch.full((MAX_BYTES // 4 + 1,), float(world)))
         assert torch.equal(res["ints"], torch.full((3,), world * (world + 1) // 2, dtype=torch.int64))
         assert torch.equal(res["again"], torch.full((5,), float(sum(range(world)))))
@@ -126,18 +126,29 @@ def test_custom_allreduce_over_shared_memory_matches_the_fixed_order_sum(world, 
             assert ((out.float() - want.float()).abs() <= tol * want.float().abs()).all(), f"{dtype} {n}"
 
 
+class _WrongOnRank1(CustomAllReduce):
+    """A kernel that gets rank 1's sums wrong: the start-up check must catch it on every rank."""
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        super().all_reduce(t)
+        return t.mul_(0.5) if self.rank == 1 else t
+
+
 def _fallback_body(rank: int, world: int) -> dict:
     group = build_parallel_state(tp_size=world).tp
     failed = CustomAllReduce.create(group, 256, ipc=(ipc := ShmIpc(fail_open_on=1)))
     ipc.unlink()
     disabled = CustomAllReduce.create(group, 256, enabled=False, ipc=ShmIpc())
+    wrong = _WrongOnRank1.create(group, 256, ipc=(ipc := ShmIpc()), programs=2, block=16)
+    ipc.unlink()
     x = group.all_reduce(torch.ones(4))  # the group still works, through shm
-    return {"failed": failed is None, "disabled": disabled is None, "x": x, "impl": group.last_impl}
+    return {"failed": failed is None, "disabled": disabled is None, "wrong": wrong is None, "x": x,
+            "impl": group.last_impl}
 
 
-def test_every_rank_falls_back_when_one_rank_cannot_map_a_buffer():
+def test_every_rank_falls_back_when_one_rank_cannot_map_a_buffer_or_sums_wrong():
     for res in run_ranks(_fallback_body, 2, timeout=120):
-        assert res["failed"] and res["disabled"] and res["impl"] == "shm"
+        assert res["failed"] and res["disabled"] and res["wrong"] and res["impl"] == "shm"
         assert torch.equal(res["x"], torch.full((4,), 2.0))
 
 
