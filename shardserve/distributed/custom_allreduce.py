@@ -1,5 +1,5 @@
-"""Custom all-reduce for the GPUs of one host with NVLink peer access: every rank maps every peer's buffer (CUDA IPC) and a
-single Triton kernel sums the group's tensors straight out of peer memory (one-shot), with no NCCL call.
+"""Custom all-reduce for the GPUs of one host with NVLink peer access: every rank maps every peer's buffer (CUDA IPC)
+and a single Triton kernel sums the group's tensors straight out of peer memory (one-shot), with no NCCL call.
 
 Why: a decode step of a tensor-parallel model does two all-reduces per layer of a few KiB to a few MiB. NCCL's
 ring needs 2(w-1) steps and a launch of its own; one-shot reads each peer's copy once over NVLink, so small

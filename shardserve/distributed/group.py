@@ -5,10 +5,11 @@ Each group has a device group (NCCL on GPU, gloo on CPU) for tensors and a CPU g
 metadata and objects; with gloo they are the same group. A group of one rank does every operation as the identity
 and never touches torch.distributed.
 
-Fast paths. On GPUs, `init_custom_allreduce()` (called by build_parallel_state for the tp and ep groups) maps every
-rank's buffer over CUDA IPC where the GPUs have peer access, and all_reduce of CUDA tensors up to its size limit then
-runs as one Triton kernel (`custom_allreduce.py`, impl "custom") instead of NCCL. On CPUs, all_reduce, all_gather
-and reduce_scatter of CPU tensors go through a shared-memory segment per group (`shm_allreduce.py`) instead of gloo, chosen per call by `allreduce_mode` (constructor `allreduce=`, else
+Fast paths. On GPUs, `init_custom_allreduce()` (called by build_parallel_state for the tp group; ep shares it when
+its ranks are the same) maps every rank's buffer over CUDA IPC where the GPUs have NVLink peer access, and all_reduce
+of CUDA tensors up to its size limit then runs as one Triton kernel (`custom_allreduce.py`, impl "custom") instead
+of NCCL. On CPUs, all_reduce, all_gather and reduce_scatter of CPU tensors go through a shared-memory segment per
+group (`shm_allreduce.py`) instead of gloo, chosen per call by `allreduce_mode` (constructor `allreduce=`, else
 $SHARDSERVE_ALLREDUCE; the same on every rank): `auto` (default) uses shm up to `shm_max_bytes` per rank, `shm`
 for every size (chunked), `gloo` never. Device tensors and unsupported dtypes always use the process group. With
 $SHARDSERVE_COMM_TIMING=1 (or `enable_collective_timing()`) every call of a group of 2+ ranks adds its wall time
@@ -337,7 +338,7 @@ class GroupCoordinator:
         dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.cpu_group)
         longest = max(int(s.item()) for s in sizes)
         mine = torch.zeros(longest, dtype=torch.uint8)
-        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # msgpack: never empty
         bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
         dist.all_gather(bufs, mine, group=self.cpu_group)
         return [codec.decode(_bytes_of(b[: int(s.item())])) for b, s in zip(bufs, sizes)]
@@ -362,7 +363,8 @@ class GroupCoordinator:
         return t
 
     def _group_for(self, t: torch.Tensor) -> Any:
-        """CPU tensors go over the gloo `cpu_group` (an NCCL device group cannot carry them), others the device group."""
+        """CPU tensors go over the gloo `cpu_group` (an NCCL device group cannot carry them), others the device
+        group."""
         return self.cpu_group if t.device.type == "cpu" else self.device_group
 
     def _tensor_dict_parts(self, d: dict) -> list[tuple[torch.Tensor, Any]]:
