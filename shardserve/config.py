@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from shardserve.executor.factory import check_executor, default_executor
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -123,7 +125,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
-    distributed_executor_backend: str | None = None  # "uni" | "mp"; None = uni for world 1, else mp
+    distributed_executor_backend: str | None = None  # a name in executor/factory.py; None = uni for world 1, else mp
     collective_timeout_s: float = 60.0
     enable_expert_parallel: bool = False  # MoE: whole experts per rank (ep size = tp size) instead of TP slices
     expert_placement: str = "linear"      # "linear" | "round_robin"
@@ -150,9 +152,9 @@ class ParallelConfig:
         if self.expert_placement not in ("linear", "round_robin"):
             raise ConfigError(f"--expert-placement {self.expert_placement!r} is not supported; "
                               "use 'linear' or 'round_robin'")
-        if self.distributed_executor_backend not in (None, "uni", "mp"):
-            raise ConfigError(f"--distributed-executor-backend {self.distributed_executor_backend!r} is not "
-                              "supported; use 'uni' (world size 1) or 'mp' (one process per rank)")
+        problem = check_executor(self.distributed_executor_backend, self.world_size)
+        if problem:
+            raise ConfigError(problem)
 
     @property
     def world_size(self) -> int:
@@ -161,9 +163,7 @@ class ParallelConfig:
 
     @property
     def executor(self) -> str:
-        if self.distributed_executor_backend:
-            return self.distributed_executor_backend
-        return "uni" if self.world_size == 1 else "mp"
+        return self.distributed_executor_backend or default_executor(self.world_size)
 
 
 @dataclass

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from shardserve.distributed import codec
+
 # Most top logprobs a request may ask for, per generated token and per prompt token (OpenAI's cap
 # is 20 for chat `top_logprobs`; completions' `logprobs` is capped at 5 by OpenAI, 20 here).
 MAX_LOGPROBS = 20
@@ -24,6 +26,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+@codec.register(name="SamplingParams")
 @dataclass
 class SamplingParams:
     """How to pick the tokens of one request.

@@ -14,6 +14,9 @@ What round-trips through `encode` / `decode`:
   `obj.to_dict()` if defined, else the dataclass's init fields (shallow: tensors inside stay tensors).
 - Other objects that define `to_dict()` are encoded as that dict and decode as a plain dict.
 
+A byte stream of concatenated `encode`d messages (a socket) is read with `StreamDecoder`: feed it bytes as they
+arrive, in pieces of any size, and iterate it for the messages completed so far; its buffer is bounded.
+
 Decoding builds only the types above: tensors of a fixed dtype list, and classes someone registered
 in the decoding process (the module that registers a class must be imported there). Anything else
 raises, so a peer can never make us run code.
@@ -30,7 +33,7 @@ from typing import Any, Callable, TypeVar
 
 import msgpack
 
-__all__ = ["encode", "decode", "register", "EXT_TENSOR", "EXT_OBJECT", "EXT_DTYPE"]
+__all__ = ["encode", "decode", "register", "StreamDecoder", "EXT_TENSOR", "EXT_OBJECT", "EXT_DTYPE"]
 
 EXT_TENSOR = 1
 EXT_OBJECT = 2
@@ -214,3 +217,29 @@ def encode(obj: Any) -> bytes:
 def decode(data: bytes | bytearray | memoryview) -> Any:
     """Inverse of `encode`. Raises ValueError on malformed or unknown input; never runs peer code."""
     return _unpack(data)
+
+
+class StreamDecoder:
+    """`decode` over a byte stream: `feed()` bytes as they arrive (a message may be split anywhere, several may
+    come at once), then iterate for the messages completed so far. Same types and refusals as `decode`.
+
+    A decoding error (ValueError: unknown ext type, unregistered class, malformed input) leaves the stream at an
+    unknown position: the channel is corrupt and must be dropped. Buffering more than `max_buffer_size` bytes of
+    unfinished messages raises ValueError (a peer cannot make us hold unbounded memory).
+    """
+
+    def __init__(self, max_buffer_size: int = 1 << 30) -> None:
+        self._unpacker = msgpack.Unpacker(ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True,
+                                          max_buffer_size=max_buffer_size)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise ValueError("codec stream: a message exceeds the decoder's buffer bound") from None
+
+    def __iter__(self) -> "StreamDecoder":
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._unpacker)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 from shardserve.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig,
                                SchedulerConfig, resolve_device)
+from shardserve.executor.factory import executor_help, executor_names
 
 
 @dataclass
@@ -96,8 +97,8 @@ class EngineArgs:
                        help="split the layers into N pipeline stages")
         g.add_argument("-dp", "--data-parallel-size", type=int, default=1,
                        help="run N independent engine replicas behind a load-aware router")
-        g.add_argument("--distributed-executor-backend", choices=["uni", "mp"], default=None,
-                       help="uni: one rank in this process; mp: one process per rank (default for tp×pp > 1)")
+        g.add_argument("--distributed-executor-backend", choices=executor_names(), default=None,
+                       help=f"how ranks run ({executor_help()}); default: uni for one rank, else mp")
         g.add_argument("-ep", "--enable-expert-parallel", action="store_true",
                        help="MoE models: each rank holds num_experts / tp whole experts (tokens are dispatched to "
                             "their experts' ranks) instead of a tensor-parallel slice of every expert")

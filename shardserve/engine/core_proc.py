@@ -1,40 +1,40 @@
-"""The engine-core process and its wire: `python -m shardserve.engine.core_proc` runs one LLMEngine in a loop,
-fed requests and drained of outputs over a msgpack stream on a loopback socket (never pickle).
+"""The engine-core process loop: `python -m shardserve.engine.core_proc` steps one LLMEngine fed over a socket.
 
-Launch. The parent (the API process's AsyncEngine, or the offline DataParallelEngines) listens on a loopback port
-chosen by the kernel and starts `python -m shardserve.engine.core_proc`, writing a JSON spec on its stdin:
-engine args, replica index, port, a random token, torch threads. The core connects back and says hello with the
-token (the parent compares it in constant time and drops strangers), builds its LLMEngine (whose executor starts
-the TP×PP worker processes as *its* children), then reports ready.
+Requests come in and outputs go out over a codec (msgpack, never pickle) stream on a loopback socket.
 
-Messages (msgpack maps, key "t" = type), framed by msgpack itself (`msgpack.Unpacker` over the byte stream):
+Launch (`core_launch.launch_core`). The parent (an EngineCoreClient) listens on a loopback port chosen by the kernel
+and starts this module, writing a JSON spec on its stdin: engine args, replica index, port, a random token, torch
+threads. The core connects back and says hello with the token (the client compares it in constant time and drops
+strangers), builds its LLMEngine (whose executor starts the TP×PP worker processes as *its* children), then reports
+ready.
 
-    parent → core   add {id, prompt_token_ids, params}   abort {ids}   shutdown
-    core → parent   hello {token, pid}   ready {num_blocks, max_model_len}   failed {error}
-                    ack {id, error|None}   outs {outs: [wire outputs]}   stats {...get_stats()}   dead {reason}
+Messages (maps, key "t" = type), `codec.encode`d and framed by msgpack itself (`codec.StreamDecoder`):
 
-An output on the wire carries only what is new (text/token/logprob deltas) plus, once finished, the full text,
-so a long stream costs O(tokens) bytes; `OutputAccumulator` on the parent's side rebuilds full RequestOutputs.
+    client → core   add {id, prompt_token_ids, params: SamplingParams}   abort {ids}   shutdown
+    core → client   hello {token, pid}   ready {num_blocks, max_model_len}   failed {error}
+                    ack {id, error|None}   outs {outs: [OutputDelta]}   stats {...get_stats()}   dead {reason}
+
+Outputs travel as deltas (`output_wire.OutputDelta`); the client's `OutputAccumulator` rebuilds full RequestOutputs.
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgpack
+from shardserve.distributed import codec
+from shardserve.engine.output_wire import OutputEncoder
+from shardserve.sampling_params import SamplingParams  # registered with the codec: an add carries one
 
-from shardserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+if TYPE_CHECKING:
+    from shardserve.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -44,170 +44,16 @@ RECV_BYTES = 1 << 20
 EXIT_DEAD = 3            # exit code of a core whose engine lost a rank
 
 
-def pack(msg: dict[str, Any]) -> bytes:
-    return msgpack.packb(msg, use_bin_type=True)
-
-
-def new_unpacker() -> msgpack.Unpacker:
-    # strict_map_key=False: request ids are str but stats may carry int keys; no ext types are accepted
-    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 30)
-
-
-def tokens_match(expected: str, got: Any) -> bool:
-    return isinstance(got, str) and hmac.compare_digest(expected.encode(), got.encode())
-
-
-# --- launching (parent side) -----------------------------------------------------------------------------------
-def core_threads(num_cores: int, reserve: int = 0) -> int:
-    """torch threads per core process (one replica): the host's CPUs, less `reserve` (kept for the API process),
-    shared out over the replicas; a multi-rank replica's executor splits its budget over its ranks."""
-    return max(1, ((os.cpu_count() or 1) - reserve) // max(1, num_cores))
-
-
-def replica_gpus(device: str, world: int, replica: int, visible: list[str]) -> str | None:
-    """CUDA_VISIBLE_DEVICES for replica `replica` of an engine on `device` (resolved: cpu | cuda[:N]) with `world`
-    = tp x pp ranks: its own GPUs, the replica-th slice of the `visible` ones, so replicas never share a GPU; None
-    for CPU engines."""
-    if not device.startswith("cuda"):
-        return None
-    mine = visible[replica * world:(replica + 1) * world]
-    if len(mine) < world:
-        from shardserve.config import ConfigError
-        raise ConfigError(f"data-parallel replica {replica} needs GPUs {replica * world}..{(replica + 1) * world - 1} "
-                          f"(tp x pp = {world} per replica) but {len(visible)} are visible; lower "
-                          "--data-parallel-size or tp x pp, or make more GPUs visible")
-    return ",".join(mine)
-
-
-def _visible_gpus() -> list[str]:
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [d.strip() for d in env.split(",") if d.strip()]
-    import torch
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def launch_core(engine_args: dict[str, Any], replica: int, port: int, token: str, threads: int,
-                log_level: str | None = None) -> subprocess.Popen:
-    """Start one engine-core process; its spec (plain JSON) goes on stdin, not the environment. A GPU replica sees
-    only its own GPUs (`replica_gpus`)."""
-    spec = {"engine_args": engine_args, "replica": replica, "port": port, "token": token, "threads": threads,
-            "log_level": log_level or logging.getLevelName(logging.getLogger().getEffectiveLevel())}
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    from shardserve.config import resolve_device
-    device = resolve_device(str(engine_args.get("device") or "auto"))
-    world = int(engine_args.get("tensor_parallel_size") or 1) * int(engine_args.get("pipeline_parallel_size") or 1)
-    gpus = replica_gpus(device, world, replica, _visible_gpus() if device.startswith("cuda") else [])
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpus
-    proc = subprocess.Popen([sys.executable, "-m", "shardserve.engine.core_proc"], stdin=subprocess.PIPE, env=env)
-    assert proc.stdin is not None
-    proc.stdin.write(json.dumps(spec).encode())
-    proc.stdin.close()
-    return proc
-
-
-# --- outputs on the wire ---------------------------------------------------------------------------------------
-def _metrics_dict(m: RequestMetrics | None) -> dict | None:
-    return asdict(m) if m is not None else None
-
-
-class OutputEncoder:
-    """RequestOutput → wire dict (deltas; prompt logprobs once, when complete; full text once finished)."""
-
-    def __init__(self) -> None:
-        self._prompt_lp_sent: set[str] = set()
-
-    def encode(self, o: RequestOutput) -> dict[str, Any]:
-        d: dict[str, Any] = {"id": o.request_id, "finished": o.finished, "error": o.error, "outs": [
-            {"i": c.index, "text": c.text_delta, "ids": list(c.token_ids_delta), "lp": list(c.logprobs_delta or []),
-             "fr": c.finish_reason, "sr": c.stop_reason, **({"full": c.text} if c.finish_reason else {})}
-            for c in o.outputs]}
-        plp = o.prompt_logprobs
-        if plp is not None and o.request_id not in self._prompt_lp_sent and \
-                (len(plp) >= len(o.prompt_token_ids) or o.finished):
-            d["plp"] = list(plp)
-            self._prompt_lp_sent.add(o.request_id)
-        if o.finished:
-            d["metrics"] = _metrics_dict(o.metrics)
-            self._prompt_lp_sent.discard(o.request_id)
-        return d
-
-
-@dataclass
-class _Acc:
-    prompt: str | None
-    prompt_token_ids: list[int]
-    n: int
-    want_logprobs: bool
-    texts: list[str] = field(default_factory=list)
-    ids: list[list[int]] = field(default_factory=list)
-    lps: list[list[dict]] = field(default_factory=list)
-    reasons: list[tuple[str | None, Any]] = field(default_factory=list)
-    prompt_logprobs: list | None = None
-
-
-class OutputAccumulator:
-    """Parent side: wire dicts → cumulative RequestOutputs whose *_delta fields hold what this message added."""
-
-    def __init__(self) -> None:
-        self._reqs: dict[str, _Acc] = {}
-
-    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], n: int,
-            want_logprobs: bool) -> None:
-        self._reqs[request_id] = _Acc(prompt, list(prompt_token_ids), n, want_logprobs, [""] * n,
-                                      [[] for _ in range(n)], [[] for _ in range(n)], [(None, None)] * n)
-
-    def drop(self, request_id: str) -> None:
-        self._reqs.pop(request_id, None)
-
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._reqs
-
-    def decode(self, d: dict[str, Any]) -> RequestOutput | None:
-        acc = self._reqs.get(d["id"])
-        if acc is None:
-            return None  # aborted or unknown: drop
-        outs = []
-        for c in d["outs"]:
-            i = c["i"]
-            acc.texts[i] = c["full"] if "full" in c else acc.texts[i] + c["text"]
-            acc.ids[i].extend(c["ids"])
-            acc.lps[i].extend(c["lp"])
-            acc.reasons[i] = (c["fr"], c["sr"])
-            outs.append(CompletionOutput(index=i, text=acc.texts[i], token_ids=list(acc.ids[i]),
-                                         logprobs=list(acc.lps[i]) if acc.want_logprobs else None,
-                                         finish_reason=c["fr"], stop_reason=c["sr"], text_delta=c["text"],
-                                         token_ids_delta=list(c["ids"]), logprobs_delta=list(c["lp"])))
-        if "plp" in d:
-            acc.prompt_logprobs = d["plp"]
-        m = d.get("metrics")
-        metrics = RequestMetrics(**m) if m else None
-        if d["finished"] or d.get("error"):
-            self._reqs.pop(d["id"], None)
-        return RequestOutput(d["id"], acc.prompt, acc.prompt_token_ids, outs, bool(d["finished"]),
-                             prompt_logprobs=acc.prompt_logprobs, metrics=metrics, error=d.get("error"))
-
-    def fail(self, request_id: str, error: str) -> RequestOutput | None:
-        """An error output for a request the core can no longer finish (its replica died)."""
-        acc = self._reqs.pop(request_id, None)
-        if acc is None:
-            return None
-        outs = [CompletionOutput(index=i, text=acc.texts[i], token_ids=list(acc.ids[i]), finish_reason="error")
-                for i in range(acc.n)]
-        return RequestOutput(request_id, acc.prompt, acc.prompt_token_ids, outs, True, error=error)
-
-
 # --- the core process ------------------------------------------------------------------------------------------
 class _Channel:
-    """Blocking socket + msgpack framing (the core's side)."""
+    """Blocking socket + codec framing (the core's side)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.unpacker = new_unpacker()
+        self.decoder = codec.StreamDecoder()
 
     def send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(pack(msg))
+        self.sock.sendall(codec.encode(msg))
 
     def poll(self, timeout: float) -> list[dict] | None:
         """Messages that arrived within `timeout` (possibly none); None once the parent hung up."""
@@ -217,12 +63,12 @@ class _Channel:
         data = self.sock.recv(RECV_BYTES)
         if not data:
             return None
-        self.unpacker.feed(data)
-        return list(self.unpacker)
+        self.decoder.feed(data)
+        return list(self.decoder)
 
 
-def _stats(engine) -> dict[str, Any]:
-    """The engine's numeric stats, plus per-expert token counts for MoE models (msgpack-able)."""
+def _stats(engine: LLMEngine) -> dict[str, Any]:
+    """The engine's numeric stats, plus per-expert token counts for MoE models (plain values)."""
     out: dict[str, Any] = {k: v for k, v in engine.get_stats().items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
     counts = engine.expert_counts()
@@ -231,10 +77,9 @@ def _stats(engine) -> dict[str, Any]:
     return out
 
 
-def serve(engine, chan: _Channel) -> int:
+def serve(engine: LLMEngine, chan: _Channel) -> int:
     """Step the engine while it has work; between steps take in adds and aborts. Returns the exit code."""
     from shardserve.engine.llm_engine import EngineDeadError
-    from shardserve.sampling_params import SamplingParams
     encoder = OutputEncoder()
     chan.send({"t": "stats", **_stats(engine)})
     last_stats = time.monotonic()
@@ -249,8 +94,10 @@ def serve(engine, chan: _Channel) -> int:
             if kind == "add":
                 err = None
                 try:
-                    engine.add_request(msg["id"], None, SamplingParams.from_dict(msg["params"]),
-                                       prompt_token_ids=msg["prompt_token_ids"])
+                    params = msg["params"]
+                    if not isinstance(params, SamplingParams):
+                        raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+                    engine.add_request(msg["id"], None, params, prompt_token_ids=msg["prompt_token_ids"])
                 except EngineDeadError as e:
                     err = f"engine failure: {e}"
                 except (ValueError, TypeError) as e:

@@ -13,8 +13,10 @@ from typing import Any
 from shardserve.config import ConfigError, EngineConfig
 from shardserve.engine.detokenizer import IncrementalDetokenizer
 from shardserve.engine.scheduler import Scheduler
-from shardserve.engine.sequence import ModelRunnerOutput, SchedulerOutput, Sequence
-from shardserve.executor.base import ExecutorError, make_executor
+from shardserve.engine.sequence import Sequence
+from shardserve.step import ModelRunnerOutput, SchedulerOutput
+from shardserve.executor.base import ExecutorError
+from shardserve.executor.factory import make_executor
 from shardserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from shardserve.sampling_params import SamplingParams
 
@@ -154,8 +156,16 @@ class LLMEngine:
                 **{f"executor_{k}": v for k, v in self.executor.stats().items() if k.startswith("stage")}}
 
     def expert_counts(self) -> dict[int, list[int]]:
-        """MoE models: layer → tokens routed to each expert so far (the load imbalance users ask about)."""
-        return self.executor.expert_counts()
+        """MoE models: layer → tokens routed to each expert so far (the load imbalance users ask about); {} for
+        dense models and once the engine has failed. Asks the ranks (collective_rpc), so call it between steps."""
+        hf = self.cfg.model.hf_config
+        if self.dead or not (hf.get("num_local_experts") or hf.get("num_experts")):
+            return {}
+        try:
+            return self.executor.expert_counts()
+        except ExecutorError as e:
+            logger.warning("expert counts unavailable: %s", e)
+            return {}
 
     @property
     def num_blocks(self) -> int:

@@ -7,7 +7,8 @@ from typing import Iterable
 
 from shardserve.config import CacheConfig, SchedulerConfig
 from shardserve.engine.block_manager import BlockManager
-from shardserve.engine.sequence import ScheduledSeq, SchedulerOutput, Sequence, SeqStatus
+from shardserve.engine.sequence import Sequence, SeqStatus
+from shardserve.step import ScheduledSeq, SchedulerOutput
 
 
 class Scheduler:
@@ -46,6 +47,12 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq.seq_id)
         self._finished_ids.append(seq.seq_id)
+
+    def resume(self, seq: Sequence) -> None:
+        """A waiting seq whose KV is already in its blocks (imported from another engine) runs from its next token."""
+        self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
 
     def abort(self, seqs: Iterable[Sequence]) -> None:
         for seq in seqs:
@@ -131,7 +138,7 @@ class Scheduler:
                                 block_table=self.block_manager.block_table(seq.seq_id),
                                 do_sample=start + n == seq.num_tokens)
             if not seq.sent_to_worker:
-                item.params = seq.params.to_dict()
+                item.params = seq.params
                 item.prompt_token_ids = seq.prompt_token_ids
                 item.output_token_ids = seq.output_token_ids
                 seq.sent_to_worker = True

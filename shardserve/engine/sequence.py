@@ -1,10 +1,9 @@
-"""A sequence (one of a request's n samples) and the scheduler→worker messages that describe a step."""
+"""A sequence: one of a request's n samples, as the scheduler and the engine track it."""
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from shardserve.sampling_params import SamplingParams
 
@@ -63,62 +62,3 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_preemptions += 1
         self.sent_to_worker = False
-
-
-@dataclass
-class ScheduledSeq:
-    """One sequence's work in a step: compute `token_ids` at positions start_pos.. and maybe sample."""
-    seq_id: int
-    token_ids: list[int]
-    start_pos: int
-    block_table: list[int]
-    do_sample: bool
-    # set when the workers have no state for this seq yet (first step, or after preemption)
-    params: dict[str, Any] | None = None
-    prompt_token_ids: list[int] | None = None
-    output_token_ids: list[int] | None = None
-
-
-@dataclass
-class SchedulerOutput:
-    seqs: list[ScheduledSeq]
-    finished_seq_ids: list[int]      # workers drop their state for these
-    step_id: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.seqs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step_id": self.step_id, "finished": self.finished_seq_ids,
-                "seqs": [[s.seq_id, s.token_ids, s.start_pos, s.block_table, s.do_sample, s.params,
-                          s.prompt_token_ids, s.output_token_ids] for s in self.seqs]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SchedulerOutput":
-        return cls(seqs=[ScheduledSeq(*row) for row in d["seqs"]], finished_seq_ids=list(d["finished"]),
-                   step_id=d["step_id"])
-
-
-@dataclass
-class ModelRunnerOutput:
-    """What the sampling rank returns: one token per sampled seq, plus logprobs where asked."""
-    seq_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[dict | None]
-    prompt_logprobs: dict[int, list[dict | None]] = field(default_factory=dict)
-    step_id: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    expert_counts: dict[int, list[int]] = field(default_factory=dict)  # MoE layer → tokens per expert (cumulative)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"seq_ids": self.seq_ids, "token_ids": self.token_ids, "logprobs": self.logprobs,
-                "prompt_logprobs": [[k, v] for k, v in self.prompt_logprobs.items()],
-                "step_id": self.step_id, "timings": self.timings,
-                "expert_counts": [[k, v] for k, v in self.expert_counts.items()]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelRunnerOutput":
-        return cls(seq_ids=d["seq_ids"], token_ids=d["token_ids"], logprobs=d["logprobs"],
-                   prompt_logprobs={k: v for k, v in d["prompt_logprobs"]}, step_id=d["step_id"],
-                   timings=d.get("timings", {}), expert_counts={k: v for k, v in d.get("expert_counts", [])})

@@ -1,53 +1,48 @@
-"""Offline data parallelism for `LLM(data_parallel_size=N)`: N engine-core processes, each request sent to the
-least-loaded one, and step() gathering whatever outputs any of them has produced."""
+"""Offline data parallelism (`LLM(data_parallel_size=N)`) over N EngineCoreClients, the server's core client.
+
+The clients run on a private asyncio loop in a daemon thread; each request goes to the least-loaded replica, and
+step() drains the outputs they have produced from a thread-safe queue.
+"""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
-import secrets
-import select
-import socket
-import subprocess
-import time
+import queue
+import threading
+from collections.abc import Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from shardserve.engine.args import EngineArgs
-from shardserve.engine.core_proc import (RECV_BYTES, OutputAccumulator, core_threads, launch_core, new_unpacker,
-                                         pack, tokens_match)
+from shardserve.engine.core_client import EngineCoreClient
+from shardserve.engine.core_launch import core_threads
 from shardserve.engine.llm_engine import EngineDeadError, load_tokenizer, validate_request
+from shardserve.engine.request_stream import RequestStream
 from shardserve.entrypoints.router import ReplicaLoad, core_engine_args, pick_replica
-from shardserve.outputs import RequestOutput
+from shardserve.outputs import CompletionOutput, RequestOutput
 from shardserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from shardserve.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
-START_TIMEOUT_S = 600.0
-POLL_S = 0.05   # step() waits at most this long for an output before returning an empty list
+POLL_S = 0.05          # step() waits at most this long for an output before returning an empty list
+SHUTDOWN_S = 30.0      # how long shutdown() waits for the cores to stop (each is killed after 10 s)
+
+T = TypeVar("T")
 
 
-class _Core:
-    """One replica seen from the driver: its process, blocking socket and load."""
+class _Request:
+    """A request this driver holds: the future of the task that feeds its outputs into the queue. Queued outputs
+    carry it, so those of an aborted request are dropped rather than taken for a later one's with the same id."""
+    __slots__ = ("future",)
 
-    def __init__(self, index: int, proc: subprocess.Popen, token: str) -> None:
-        self.index, self.proc, self.token = index, proc, token
-        self.sock: socket.socket | None = None
-        self.unpacker = new_unpacker()
-        self.ready = False
-        self.dead: str | None = None
-        self.requests: dict[str, int] = {}     # request id → outstanding tokens
-        self.num_assigned = 0
-
-    def send(self, msg: dict[str, Any]) -> None:
-        assert self.sock is not None
-        self.sock.sendall(pack(msg))
-
-    def read(self) -> list[dict] | None:
-        assert self.sock is not None
-        data = self.sock.recv(RECV_BYTES)
-        if not data:
-            return None
-        self.unpacker.feed(data)
-        return list(self.unpacker)
+    def __init__(self) -> None:
+        self.future: concurrent.futures.Future | None = None
 
 
 class DataParallelEngines:
@@ -55,184 +50,141 @@ class DataParallelEngines:
 
     def __init__(self, args: EngineArgs, progress: bool = True) -> None:
         model = args.resolve_model(progress)
-        self.cfg = replace(args, model=model, data_parallel_size=1).create_config(progress)  # replica 0's config
-        self.tokenizer = load_tokenizer(self.cfg.model.tokenizer)
+        self.cfg: EngineConfig = replace(args, model=model, data_parallel_size=1).create_config(progress)  # replica 0
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.cfg.model.tokenizer)
         n = args.data_parallel_size
         core_args = core_engine_args(args, self.cfg.model.max_model_len, model)
         threads = core_threads(n)
-        listener = socket.create_server(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-        self.cores: list[_Core] = []
-        self._acc = OutputAccumulator()
-        self._owner: dict[str, _Core] = {}
-        self._failed: list[RequestOutput] = []
+        self.cores: list[EngineCoreClient] = [EngineCoreClient(core_args, replica=i, threads=threads)
+                                              for i in range(n)]
+        self._assigned = [0] * n
+        self._requests: dict[str, _Request] = {}
+        self._outputs: queue.SimpleQueue[tuple[_Request, RequestOutput]] = queue.SimpleQueue()
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = threading.Thread(target=self._loop.run_forever,
+                                                                 name="shardserve-dp-cores", daemon=True)
+        self._thread.start()
         try:
-            for i in range(n):
-                token = secrets.token_hex(16)
-                self.cores.append(_Core(i, launch_core(core_args, i, port, token, threads), token))
-            self._start(listener)
+            self._call(self._start())
         except BaseException:
             self.shutdown()
             raise
-        finally:
-            listener.close()
 
-    # --- start-up ------------------------------------------------------------------------------------------
-    def _start(self, listener: socket.socket) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        pending: dict[socket.socket, bytes] = {}
-        while not all(c.ready for c in self.cores):
-            for c in self.cores:
-                if c.proc.poll() is not None:
-                    raise RuntimeError(f"engine core {c.index} exited with code {c.proc.returncode} during start-up")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"engine cores not ready within {START_TIMEOUT_S:.0f} s")
-            socks = [listener] + list(pending) + [c.sock for c in self.cores if c.sock is not None]
-            readable, _, _ = select.select(socks, [], [], 0.2)
-            for s in readable:
-                if s is listener:
-                    conn, _ = listener.accept()
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    pending[conn] = b""
-                elif s in pending:
-                    self._hello(s, pending)
-                else:
-                    core = next(c for c in self.cores if c.sock is s)
-                    for msg in core.read() or []:
-                        if msg.get("t") == "failed":
-                            raise RuntimeError(f"engine core {core.index} failed to start: {msg.get('error')}")
-                        if msg.get("t") == "ready":
-                            core.ready = True
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coro` on the clients' loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def _hello(self, conn: socket.socket, pending: dict[socket.socket, bytes]) -> None:
-        data = conn.recv(RECV_BYTES)
-        if not data:
-            pending.pop(conn, None)  # closed before saying hello
-            conn.close()
-            return
-        unpacker = new_unpacker()
-        unpacker.feed(pending[conn] + data)
-        msgs = list(unpacker)
-        if not msgs:
-            pending[conn] += data
-            return
-        del pending[conn]
-        core = next((c for c in self.cores if c.sock is None and tokens_match(c.token, msgs[0].get("token"))), None)
-        if core is None or msgs[0].get("t") != "hello":
-            conn.close()  # a stranger on our port
-            return
-        core.sock = conn
-        for msg in msgs[1:]:
-            if msg.get("t") == "ready":
-                core.ready = True
+    async def _start(self) -> None:
+        """Start every core (in parallel); the first failure is raised (shutdown() then stops the others)."""
+        results = await asyncio.gather(*(c.start() for c in self.cores), return_exceptions=True)
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:
+            raise errors[0]
 
     # --- the engine interface ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None) -> None:
         params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
         if prompt_token_ids is None:
             if prompt is None:
                 raise ValueError("either prompt or prompt_token_ids is required")
             prompt_token_ids = self.tokenizer.encode(prompt)
         ids = [int(t) for t in prompt_token_ids]
-        max_tokens = self._validate(ids, params)
-        loads = [ReplicaLoad(c.ready and not c.dead, sum(c.requests.values()), len(c.requests)) for c in self.cores]
-        i = pick_replica(loads)
-        if i is None:
-            raise EngineDeadError("every engine core has died: " + "; ".join(str(c.dead) for c in self.cores))
-        core = self.cores[i]
-        self._acc.add(request_id, prompt, ids, params.n, params.logprobs is not None)
-        core.send({"t": "add", "id": request_id, "prompt_token_ids": ids, "params": params.to_dict()})
-        core.requests[request_id] = len(ids) + max_tokens * params.n
-        core.num_assigned += 1
-        self._owner[request_id] = core
+        # the engine's own checks, here so that a bad prompt raises at add time as with one engine
+        validate_request(ids, params, self.cfg.model.max_model_len, self.cfg.model.vocab_size)
+        if not any(c.healthy for c in self.cores):
+            raise EngineDeadError("every engine core has died: " + self._dead_reasons())
+        req = _Request()
+        self._requests[request_id] = req
+        # the replica is chosen on the loop, where the clients' loads are exact; adds keep their order there
+        req.future = asyncio.run_coroutine_threadsafe(self._run(req, request_id, prompt, ids, params), self._loop)
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> int:
-        """The engine's own checks, here so that a bad prompt raises at add time as with one engine."""
-        return validate_request(ids, params, self.cfg.model.max_model_len, self.cfg.model.vocab_size)
+    def _dead_reasons(self) -> str:
+        return "; ".join(f"replica {c.replica}: {c.dead_reason or c.state}" for c in self.cores)
+
+    async def _run(self, req: _Request, request_id: str, prompt: str | None, ids: list[int],
+                   params: SamplingParams) -> None:
+        """On the loop: route the request, then move its outputs to the queue; a failure becomes an error output."""
+        seen: dict[int, CompletionOutput] = {}   # the latest of each sample
+        stream: RequestStream | None = None
+        try:
+            i = pick_replica([ReplicaLoad(c.healthy, c.outstanding_tokens, c.num_in_flight) for c in self.cores])
+            if i is None:
+                raise EngineDeadError("every engine core has died: " + self._dead_reasons())
+            self._assigned[i] += 1
+            stream = await self.cores[i].add_request(request_id, ids, params, prompt)
+            async for out in stream:
+                seen.update((c.index, c) for c in out.outputs)
+                self._outputs.put((req, out))
+        except Exception as e:  # rejected by the core, or its replica died: the request ends with an error
+            self._outputs.put((req, _error_output(request_id, prompt, ids, params.n, seen, str(e))))
+        finally:
+            if stream is not None:
+                stream.close()  # aborts it in the core if it did not finish (abort_request cancels this task)
 
     def abort_request(self, request_id: str) -> None:
-        core = self._owner.pop(request_id, None)
-        self._acc.drop(request_id)
-        if core is not None and not core.dead:
-            core.requests.pop(request_id, None)
-            core.send({"t": "abort", "ids": [request_id]})
+        req = self._requests.pop(request_id, None)
+        if req is not None and req.future is not None:
+            req.future.cancel()  # cancels the task on the loop, whose stream.close() aborts it in the core
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._owner) or bool(self._failed)
+        return bool(self._requests)
 
     def step(self) -> list[RequestOutput]:
         """Outputs any core has produced (waits up to POLL_S for the first one); failed requests carry .error."""
-        outs, self._failed = self._failed, []
-        live = [c for c in self.cores if c.sock is not None and not c.dead and c.requests]
-        if not live:
-            return outs
-        readable, _, _ = select.select([c.sock for c in live], [], [], 0 if outs else POLL_S)
-        for core in live:
-            if core.sock not in readable:
-                continue
-            try:
-                msgs = core.read()
-            except OSError:
-                msgs = None
-            if msgs is None:
-                code = core.proc.poll()
-                self._core_died(core, f"engine core {core.index} exited with code {code}", outs)
-                continue
-            for msg in msgs:
-                self._handle(core, msg, outs)
+        if not self._requests:
+            return []
+        items = []
+        try:
+            items.append(self._outputs.get(timeout=POLL_S))
+            while True:
+                items.append(self._outputs.get_nowait())
+        except queue.Empty:
+            pass
+        outs = []
+        for req, out in items:
+            if self._requests.get(out.request_id) is not req:
+                continue  # aborted (possibly with its id since reused)
+            if out.finished or out.error:
+                del self._requests[out.request_id]
+            outs.append(out)
         return outs
-
-    def _handle(self, core: _Core, msg: dict, outs: list[RequestOutput]) -> None:
-        kind = msg.get("t")
-        if kind == "outs":
-            for d in msg["outs"]:
-                out = self._acc.decode(d)
-                if out is None:
-                    continue
-                if out.finished or out.error:
-                    core.requests.pop(out.request_id, None)
-                    self._owner.pop(out.request_id, None)
-                else:
-                    core.requests[out.request_id] = max(0, core.requests.get(out.request_id, 0)
-                                                        - sum(len(c.token_ids_delta) for c in out.outputs))
-                outs.append(out)
-        elif kind == "ack" and msg.get("error"):
-            fail = self._acc.fail(msg["id"], msg["error"])
-            core.requests.pop(msg["id"], None)
-            self._owner.pop(msg["id"], None)
-            if fail is not None:
-                outs.append(fail)
-        elif kind == "dead":
-            self._core_died(core, f"engine core {core.index}: {msg.get('reason')}", outs)
-
-    def _core_died(self, core: _Core, reason: str, outs: list[RequestOutput]) -> None:
-        core.dead = reason
-        logger.error("%s", reason)
-        for rid in list(core.requests):
-            self._owner.pop(rid, None)
-            fail = self._acc.fail(rid, reason)
-            if fail is not None:
-                outs.append(fail)
-        core.requests.clear()
 
     @property
     def requests_per_replica(self) -> list[int]:
-        return [c.num_assigned for c in self.cores]
+        return list(self._assigned)
 
     def shutdown(self) -> None:
-        for c in getattr(self, "cores", []):
-            if c.sock is not None and c.proc.poll() is None:
-                try:
-                    c.send({"t": "shutdown"})
-                except OSError:
-                    pass
-        for c in getattr(self, "cores", []):
-            try:
-                c.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+        if self._thread is None:
+            return
+        for req in self._requests.values():
+            if req.future is not None:
+                req.future.cancel()
+        self._requests.clear()
+        try:
+            self._call(self._shutdown(), timeout=SHUTDOWN_S)
+        except Exception:  # noqa: BLE001 - best effort; the cores are killed below if still there
+            logger.exception("shutting down the engine cores")
+        for c in self.cores:
+            if c.proc is not None and c.proc.poll() is None:
                 c.proc.kill()
                 c.proc.wait()
-            if c.sock is not None:
-                c.sock.close()
-        self.cores = []
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._thread = None
+        if not self._loop.is_running():
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        await asyncio.gather(*(c.shutdown() for c in self.cores), return_exceptions=True)
+
+
+def _error_output(request_id: str, prompt: str | None, ids: list[int], n: int, done: dict[int, CompletionOutput],
+                  error: str) -> RequestOutput:
+    """The final output of a request that could not finish: what it had produced, finish_reason "error"."""
+    outs = [CompletionOutput(index=i, text=done[i].text if i in done else "",
+                             token_ids=list(done[i].token_ids) if i in done else [], finish_reason="error")
+            for i in range(n)]
+    return RequestOutput(request_id, prompt, ids, outs, True, error=error)

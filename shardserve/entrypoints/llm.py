@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence as Seq
+from typing import TYPE_CHECKING, Any, Sequence as Seq
 
 from tqdm import tqdm
 
@@ -10,6 +10,9 @@ from shardserve.engine.args import EngineArgs
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from shardserve.entrypoints.dp_offline import DataParallelEngines
 
 
 class LLM:
@@ -22,9 +25,10 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         use_tqdm = kwargs.pop("use_tqdm_on_load", True)
         self.args = EngineArgs.from_kwargs(model=model, **kwargs)
+        self.engine: LLMEngine | DataParallelEngines
         if self.args.data_parallel_size > 1:
             from shardserve.entrypoints.dp_offline import DataParallelEngines
-            self.engine: Any = DataParallelEngines(self.args, progress=use_tqdm)
+            self.engine = DataParallelEngines(self.args, progress=use_tqdm)
         else:
             self.engine = LLMEngine(self.args.create_config(progress=use_tqdm), progress=use_tqdm)
         self._ids = itertools.count()

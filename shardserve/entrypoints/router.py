@@ -6,13 +6,16 @@ import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from shardserve.engine.args import EngineArgs
-from shardserve.engine.async_engine import (HEARTBEAT_TIMEOUT_S, AsyncEngine, EngineUnavailable, RequestRejected,
-                                            RequestStream)
-from shardserve.engine.core_proc import core_threads
+from shardserve.engine.core_client import HEARTBEAT_TIMEOUT_S, EngineCoreClient
+from shardserve.engine.core_launch import core_threads
+from shardserve.engine.request_stream import EngineUnavailable, RequestRejected, RequestStream
 from shardserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from shardserve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,9 @@ def core_engine_args(args: EngineArgs, max_model_len: int, model: str) -> dict[s
 
 
 class Router:
-    def __init__(self, args: EngineArgs, model: str, max_model_len: int, metrics=None,
+    """The replicas (one EngineCoreClient each) behind the API server: routing, admission, restarts."""
+
+    def __init__(self, args: EngineArgs, model: str, max_model_len: int, metrics: ServerMetrics | None = None,
                  max_waiting_requests: int | None = None, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
                  threads: int | None = None) -> None:
         self.num_replicas = max(1, args.data_parallel_size)
@@ -68,14 +73,14 @@ class Router:
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.replicas: list[AsyncEngine] = [self._new_engine(i) for i in range(self.num_replicas)]
+        self.replicas: list[EngineCoreClient] = [self._new_client(i) for i in range(self.num_replicas)]
         self.restarts = [0] * self.num_replicas
         self.started = False
         self.stopping = False
         self._restart_tasks: dict[int, asyncio.Task] = {}
 
-    def _new_engine(self, i: int) -> AsyncEngine:
-        return AsyncEngine(self.core_args, replica=i, threads=self.threads, metrics=self.metrics,
+    def _new_client(self, i: int) -> EngineCoreClient:
+        return EngineCoreClient(self.core_args, replica=i, threads=self.threads, metrics=self.metrics,
                            on_exit=self._on_exit, heartbeat_timeout_s=self.heartbeat_timeout_s)
 
     # --- life cycle ----------------------------------------------------------------------------------------
@@ -100,9 +105,9 @@ class Router:
         if self.metrics is not None:
             self.metrics.on_replica_up(i)
 
-    def _on_exit(self, engine: AsyncEngine) -> None:
-        i = engine.replica
-        if self.stopping or self.replicas[i] is not engine or i in self._restart_tasks:
+    def _on_exit(self, client: EngineCoreClient) -> None:
+        i = client.replica
+        if self.stopping or self.replicas[i] is not client or i in self._restart_tasks:
             return
         self._restart_tasks[i] = asyncio.get_running_loop().create_task(self._restart(i))
 
@@ -112,11 +117,11 @@ class Router:
             while not self.stopping:
                 await asyncio.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
                 attempt += 1
-                engine = self._new_engine(i)
-                self.replicas[i] = engine
+                client = self._new_client(i)
+                self.replicas[i] = client
                 logger.warning("restarting replica %d (attempt %d)", i, attempt)
                 try:
-                    await engine.start()
+                    await client.start()
                 except Exception as e:  # noqa: BLE001 - keep trying, with backoff
                     logger.error("replica %d did not restart: %s", i, e)
                     continue

@@ -1,6 +1,6 @@
-"""One process per rank on this host: steps are broadcast over a shared-memory ring (msgpack), the driver rank
-(last stage, first TP rank) returns sampled tokens on a second ring, and a dead rank fails the step within
-seconds instead of hanging."""
+"""One process per rank on this host: steps and collective_rpc calls are broadcast over a shared-memory ring
+(msgpack), the driver rank (last stage, first TP rank) returns sampled tokens on a second ring, every rank answers
+RPCs on a ring of its own, and a dead or silent rank fails the call within seconds instead of hanging."""
 from __future__ import annotations
 
 import json
@@ -12,36 +12,38 @@ import sys
 import tempfile
 import time
 from collections import deque
+from typing import Any
 
-from shardserve.config import EngineConfig, engine_config_to_dict
+from shardserve.config import EngineConfig
 from shardserve.distributed.message_queue import MessageQueue
-from pathlib import Path
-
 from shardserve.distributed.pipeline import layer_ranges, resolve_partition
-from shardserve.engine.sequence import ModelRunnerOutput, SchedulerOutput
 from shardserve.executor.base import Executor, ExecutorError
+from shardserve.step import ModelRunnerOutput, SchedulerOutput
 from shardserve.utils.network import get_free_port, get_loopback_ip, tcp_init_method
-from shardserve.utils.trace import merge_traces
+from shardserve.worker.bootstrap import RankSpec
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.05          # how often a waiting engine checks that every rank is alive
 STARTUP_TIMEOUT_S = 300.0
+READY_ID = 0           # the reply id of a rank's start-up report
 
 
 class MultiprocExecutor(Executor):
+    startup_timeout_s = STARTUP_TIMEOUT_S
+
     def __init__(self, cfg: EngineConfig, eos_token_ids: list[int], progress: bool = False) -> None:
         super().__init__(cfg, eos_token_ids, progress)
         par = cfg.parallel
         self.world_size = par.world_size
-        tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
         self.layer_counts = resolve_partition(cfg)
         self.layer_ranges = layer_ranges(self.layer_counts)
-        self.driver_rank = (pp - 1) * tp  # last stage, tp rank 0
         self.requests = MessageQueue.create(n_readers=self.world_size)
         self.results = MessageQueue.create(n_readers=1, reader_index=0)
+        self.replies = [MessageQueue.create(n_readers=1, reader_index=0, n_chunks=4) for _ in range(self.world_size)]
         self._pending: deque[int] = deque()
         self._dead: str | None = None
+        self._rpc_id = READY_ID
         init_method = tcp_init_method(get_loopback_ip(), get_free_port())
         # the ranks share this process's thread budget (the whole host, or what a DP router gave this replica)
         import torch
@@ -49,23 +51,24 @@ class MultiprocExecutor(Executor):
         self._err_dir = tempfile.mkdtemp(prefix="shardserve-ranks-")
         self.procs: list[subprocess.Popen] = []
         for rank in range(self.world_size):
-            spec = {"rank": rank, "world_size": self.world_size, "init_method": init_method,
-                    "config": engine_config_to_dict(cfg), "requests": self.requests.handle(),
-                    "results": self.results.handle(), "results_rank": self.driver_rank,
-                    "layer_ranges": self.layer_ranges, "eos_token_ids": eos_token_ids, "threads": threads,
-                    "error_file": os.path.join(self._err_dir, f"rank{rank}.err")}
-            env = dict(os.environ, SHARDSERVE_WORKER_SPEC=json.dumps(spec), SHARDSERVE_RANK=str(rank),
+            rank_spec = RankSpec(rank=rank, world_size=self.world_size, config=cfg, layer_ranges=self.layer_ranges,
+                                 eos_token_ids=eos_token_ids, init_method=init_method, threads=threads)
+            launch = {"rank_spec": rank_spec.to_dict(), "requests": self.requests.handle(),
+                      "replies": self.replies[rank].handle(),
+                      "results": self.results.handle() if rank == self.driver_rank else None,
+                      "error_file": os.path.join(self._err_dir, f"rank{rank}.err")}
+            env = dict(os.environ, SHARDSERVE_WORKER_SPEC=json.dumps(launch), SHARDSERVE_RANK=str(rank),
                        OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
             self.procs.append(subprocess.Popen([sys.executable, "-m", "shardserve.worker.main"], env=env))
         try:
-            ready = self._receive(STARTUP_TIMEOUT_S, what="start-up")
-        except Exception:
+            self._gather(READY_ID, list(range(self.world_size)), "start-up", STARTUP_TIMEOUT_S)
+            info = self.collective_rpc("load_info", timeout=STARTUP_TIMEOUT_S)
+            self.bytes_read_per_rank: list[int] = [i["bytes_read"] for i in info]
+            self.load_ms_per_rank: list[int] = [i["load_ms"] for i in info]
+            self.initialize_cache()
+        except BaseException:
             self.shutdown()
             raise
-        self.num_blocks = ready["num_blocks"]
-        self.block_bytes = ready["block_bytes"]
-        self.bytes_read_per_rank: list[int] = ready["bytes_read"]
-        self.load_ms_per_rank: list[int] = ready["load_ms"]
 
     # --- steps -------------------------------------------------------------------------------------------
     @property
@@ -73,36 +76,92 @@ class MultiprocExecutor(Executor):
         par = self.cfg.parallel
         return par.max_micro_batches or par.pipeline_parallel_size
 
-    def submit(self, out: SchedulerOutput) -> None:
+    def submit(self, sched: SchedulerOutput) -> None:
         self._check_alive()
-        self.requests.enqueue({"type": "step", "out": out.to_dict()})
-        self._pending.append(out.step_id)
+        self.requests.enqueue({"type": "step", "sched": sched})
+        self._pending.append(sched.step_id)
 
     def collect(self) -> ModelRunnerOutput:
         self._pending.popleft()
-        msg = self._receive(None, what="a step")
-        self.last_result = ModelRunnerOutput.from_dict(msg["result"])
+        msg = self._receive()
+        self.last_result = msg["result"]
         return self.last_result
 
-    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        self.submit(out)
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.submit(sched)
         return self.collect()
 
-    def _receive(self, timeout: float | None, what: str) -> dict:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _receive(self) -> dict:
         while True:
             try:
                 msg = self.results.dequeue(timeout=POLL_S)
             except TimeoutError:
                 self._check_alive()
-                if deadline is not None and time.monotonic() > deadline:
-                    raise ExecutorError(f"workers did not finish {what} within {timeout:.0f} s")
                 continue
             if "error" in msg:
                 self._dead = "a worker raised:\n" + msg["error"]
                 raise ExecutorError(self._dead)
             return msg
 
+    # --- collective_rpc ----------------------------------------------------------------------------------
+    def collective_rpc(self, method: str, *args: Any, ranks: list[int] | None = None,
+                       timeout: float | None = None) -> list[Any]:
+        self._check_alive()
+        targets = self.rpc_targets(method, ranks)
+        if not targets:
+            return []
+        self._rpc_id += 1
+        try:
+            self.requests.enqueue({"type": "rpc", "id": self._rpc_id, "method": method, "args": list(args),
+                                   "ranks": targets}, timeout=timeout)
+        except TimeoutError:
+            self._dead = f"the ranks did not take collective_rpc({method!r}) within {timeout:g} s (a rank is stuck)"
+            raise ExecutorError(self._dead) from None
+        return self._gather(self._rpc_id, targets, f"collective_rpc({method!r})", timeout)
+
+    def _gather(self, call_id: int, targets: list[int], what: str, timeout: float | None) -> list[Any]:
+        """Every target rank's reply to `call_id`, in rank order; replies to earlier (timed-out) calls are dropped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        results: dict[int, Any] = {}
+        errors: list[str] = []
+        for rank in targets:
+            while rank not in results:
+                try:
+                    msg = self.replies[rank].dequeue(timeout=POLL_S)
+                except TimeoutError:
+                    self._check_alive()
+                    if deadline is not None and time.monotonic() > deadline:
+                        silent = [r for r in targets if r not in results and not self._answered(r, call_id, results,
+                                                                                              errors)]
+                        if silent:
+                            self._dead = (f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} "
+                                          f"did not answer {what} within {timeout:g} s")
+                            raise ExecutorError(self._dead) from None
+                    continue
+                self._take(rank, msg, call_id, results, errors)
+        if errors:
+            raise ExecutorError(f"{what} failed: " + "; ".join(errors))
+        return [results[r] for r in targets]
+
+    @staticmethod
+    def _take(rank: int, msg: dict, call_id: int, results: dict[int, Any], errors: list[str]) -> None:
+        if msg.get("id") != call_id:
+            return  # the late answer to a call that already timed out
+        if "error" in msg:
+            errors.append(f"rank {rank} failed with {msg['error']}")
+        results[rank] = msg.get("result")
+
+    def _answered(self, rank: int, call_id: int, results: dict[int, Any], errors: list[str]) -> bool:
+        """Read what `rank` has already sent without waiting (used once a deadline has passed)."""
+        while rank not in results:
+            try:
+                msg = self.replies[rank].dequeue(timeout=0)
+            except TimeoutError:
+                return False
+            self._take(rank, msg, call_id, results, errors)
+        return True
+
+    # --- failures ----------------------------------------------------------------------------------------
     def _check_alive(self) -> None:
         if self._dead:
             raise ExecutorError(self._dead)
@@ -125,9 +184,13 @@ class MultiprocExecutor(Executor):
     def shutdown(self) -> None:
         if not self.procs:
             return
+        if self._dead is None:
+            try:
+                self.write_trace()
+            except Exception as e:  # the trace is a diagnostic: never block a shutdown on it
+                logger.warning("could not write the trace: %s", e)
         try:
-            if self._dead is None:
-                self.requests.enqueue({"type": "shutdown"}, timeout=1.0)
+            self.requests.enqueue({"type": "shutdown"}, timeout=1.0)
         except Exception:
             pass
         deadline = time.monotonic() + 5.0
@@ -138,12 +201,9 @@ class MultiprocExecutor(Executor):
                 p.kill()
                 p.wait()
         self.procs = []
-        if self.cfg.parallel.trace_file:
-            merge_traces([Path(f"{self.cfg.parallel.trace_file}.rank{r}") for r in range(self.world_size)],
-                         self.cfg.parallel.trace_file)
         self.requests.stop()
-        self.requests.close()
-        self.results.close()
+        for q in (self.requests, self.results, *self.replies):
+            q.close()
         shutil.rmtree(self._err_dir, ignore_errors=True)
 
     def __del__(self) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from shardserve.layers.activation import get_act_fn
-from shardserve.layers.attention import AttentionBackend, AttentionMetadata
+from shardserve.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.layers.lazy_tensor import LazyTensor
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -34,9 +34,9 @@ class LlamaAttention(nn.Module):
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
-        self.scale = self.head_dim ** -0.5
-        self.sliding_window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        self.backend = backend
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        self.attn = Attention(self.num_heads, self.head_dim, backend, self.num_kv_heads, sliding_window=window,
+                              logits_soft_cap=cfg.get("attn_logit_softcapping"))  # scale: head_dim ** -0.5
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -48,7 +48,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        o = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)  # [tokens, heads * dim]
+        o = self.attn(q, k, v, kv_cache, meta)  # [tokens, heads * dim]
         return self.o_proj(o)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,15 +30,7 @@ class Tracer:
             self.events.append({"name": name, "ph": "X", "pid": self.pid, "tid": tid, "ts": t0 * 1e6,
                                 "dur": (time.time() - t0) * 1e6, "args": args})
 
-    def dump(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.events))
 
-
-def merge_traces(parts: list[Path], out: str | Path) -> None:
-    """Concatenate per-rank event lists into one Chrome trace file and remove the parts."""
-    events: list[dict] = []
-    for p in parts:
-        if p.is_file():
-            events.extend(json.loads(p.read_text()))
-            os.unlink(p)
+def write_trace(events: list[dict], out: str | Path) -> None:
+    """Every rank's events in one Chrome trace file."""
     Path(out).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))

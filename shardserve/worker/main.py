@@ -1,5 +1,6 @@
-"""Entry point of one rank's process (`python -m shardserve.worker.main`): join the process group, load this
-rank's shard, then serve steps from the engine's shared-memory queue until told to stop.
+"""Entry point of one rank's process (`python -m shardserve.worker.main`): bootstrap the rank (worker/bootstrap.py),
+then serve the engine's shared-memory ring: steps (the driver rank returns their results) and collective_rpc calls
+(every addressed rank answers on its own reply ring), until told to stop.
 
 The launch spec arrives as JSON in the SHARDSERVE_WORKER_SPEC environment variable and every message is
 msgpack: nothing a peer writes is ever unpickled."""
@@ -11,55 +12,19 @@ import os
 import sys
 import traceback
 
-import torch
-
-from shardserve.config import engine_config_from_dict
 from shardserve.distributed.message_queue import MessageQueue, QueueClosed
-from shardserve.distributed.parallel_state import build_parallel_state, destroy_distributed, init_distributed
-from shardserve.engine.sequence import SchedulerOutput
+from shardserve.distributed.parallel_state import destroy_distributed
+from shardserve.worker.bootstrap import RankSpec, bootstrap_worker
+from shardserve.worker.worker import Worker
 
 logger = logging.getLogger("shardserve.worker")
 
 IDLE_POLL_S = 1.0  # how often an idle worker checks that the engine process is still alive
+READY_ID = 0       # the reply id of the start-up report (executor/multiproc.py)
 
 
-def _gather_ints(pstate, values: list[int]) -> list[list[int]]:
-    """All-gather a few ints per rank over the world group → [[values of rank 0], ...]."""
-    t = torch.tensor(values, dtype=torch.int64).unsqueeze(0)  # [1, n]
-    return pstate.world.all_gather(t, dim=0).tolist()
-
-
-def run_worker(spec: dict) -> int:
-    rank, world_size = spec["rank"], spec["world_size"]
-    cfg = engine_config_from_dict(spec["config"])
-    torch.set_num_threads(max(1, spec.get("threads", 1)))
-    if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{rank % max(1, torch.cuda.device_count())}"
-    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(cfg.device)  # before any collective: NCCL and the custom all-reduce use it
-    init_distributed(rank, world_size, spec["init_method"], backend, cfg.parallel.collective_timeout_s)
-    par = cfg.parallel
-    own_allreduce = not par.disable_custom_all_reduce
-    pstate = build_parallel_state(par.tensor_parallel_size, par.pipeline_parallel_size, 1, backend,
-                                  torch.device(cfg.device), allreduce=None if own_allreduce else "gloo",
-                                  custom_allreduce=own_allreduce)
-    pstate.tp.overlap_chunks = par.tp_overlap_chunks
-    pstate.tp.warm_up()  # NCCL communicators exist before the KV cache is sized from the free memory
-    pstate.pp.warm_up(p2p=True)
-    from shardserve.worker.worker import Worker
-    requests = MessageQueue.attach(spec["requests"], reader_index=rank)
-    results = MessageQueue.attach_writer(spec["results"]) if spec.get("results_rank") == rank else None
-    layer_range = tuple(spec["layer_ranges"][pstate.pp.rank_in_group])
-    worker = Worker(cfg, pstate, layer_range, spec["eos_token_ids"], progress=False)
-    # every rank must agree on the number of KV blocks: the smallest any rank can hold
-    local_blocks = worker.determine_num_blocks()
-    info = _gather_ints(pstate, [local_blocks, worker.read_counter.bytes_read, int(worker.load_time_s * 1e3)])
-    num_blocks = min(row[0] for row in info)
-    worker.init_cache(num_blocks)
-    if results is not None:
-        results.enqueue({"ready": True, "num_blocks": num_blocks, "block_bytes": worker.kv_block_bytes(),
-                         "bytes_read": [row[1] for row in info], "load_ms": [row[2] for row in info]})
+def serve(worker: Worker, requests: MessageQueue, replies: MessageQueue, results: MessageQueue | None) -> int:
+    """The rank's loop: one message at a time, in the order the engine wrote them. Returns the exit code."""
     parent = os.getppid()
     while True:
         try:
@@ -69,37 +34,57 @@ def run_worker(spec: dict) -> int:
                 return 1
             continue
         except QueueClosed:
-            break
+            return 0
         kind = msg.get("type")
         if kind == "shutdown":
-            break
+            return 0
         if kind == "step":
             try:
-                result = worker.execute(SchedulerOutput.from_dict(msg["out"]))
+                result = worker.execute(msg["sched"])
             except Exception:
                 if results is not None:
                     results.enqueue({"error": traceback.format_exc()})
                 raise
             if results is not None and result is not None:
-                results.enqueue({"result": result.to_dict()})
+                results.enqueue({"result": result})
+        elif kind == "rpc" and worker.rank in msg["ranks"]:
+            try:
+                replies.enqueue({"id": msg["id"], "result": worker.call(msg["method"], msg["args"])})
+            except Exception as e:  # the call failed, the rank did not: report it and keep serving
+                logger.warning("collective_rpc(%r) failed:\n%s", msg["method"], traceback.format_exc())
+                replies.enqueue({"id": msg["id"], "error": f"{type(e).__name__}: {e}"})
+
+
+def run_worker(launch: dict) -> int:
+    spec = RankSpec.from_dict(launch["rank_spec"])
+    requests = MessageQueue.attach(launch["requests"], reader_index=spec.rank)
+    replies = MessageQueue.attach_writer(launch["replies"])
+    results = MessageQueue.attach_writer(launch["results"]) if launch.get("results") else None
+    try:
+        worker = bootstrap_worker(spec)
+    except Exception as e:
+        replies.enqueue({"id": READY_ID, "error": f"{type(e).__name__}: {e}"})
+        raise
+    replies.enqueue({"id": READY_ID, "result": True})
+    code = serve(worker, requests, replies, results)  # an exception propagates: main() records it and exits
     worker.close()
-    requests.close()
-    if results is not None:
-        results.close()
+    for q in (requests, replies, results):
+        if q is not None:
+            q.close()
     destroy_distributed()
-    return 0
+    return code
 
 
 def main() -> int:
     logging.basicConfig(level=os.environ.get("SHARDSERVE_LOG_LEVEL", "WARNING"),
                         format=f"%(asctime)s %(levelname)s rank{os.environ.get('SHARDSERVE_RANK', '?')}: %(message)s")
-    spec = json.loads(os.environ["SHARDSERVE_WORKER_SPEC"])
+    launch = json.loads(os.environ["SHARDSERVE_WORKER_SPEC"])
     try:
-        return run_worker(spec)
+        return run_worker(launch)
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
-        if spec.get("error_file"):  # the engine reads this when it sees the rank die
-            with open(spec["error_file"], "w") as f:
+        if launch.get("error_file"):  # the engine reads this when it sees the rank die
+            with open(launch["error_file"], "w") as f:
                 f.write(f"{type(e).__name__}: {e}")
         return 1
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from shardserve.engine.sequence import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
+from shardserve.step import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from shardserve.layers.attention import AttentionMetadata
 from shardserve.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, make_generator
 from shardserve.models.base import IntermediateTensors
@@ -46,24 +46,41 @@ class ModelRunner:
         self.sampler = Sampler()
         self.states: dict[int, SeqState] = {}  # unseeded rows draw from torch's global RNG (seeded per rank)
         self.graphs: DecodeGraphs | None = None  # captured decode steps (GPU), set by the worker
+        self._resume: dict[int, torch.Tensor] = {}  # seq id → generator state to continue from (KV transfer)
 
     # --- per-sequence state ----------------------------------------------------------------------------------
-    def update_states(self, out: SchedulerOutput) -> None:
-        for seq_id in out.finished_seq_ids:
+    def update_states(self, sched: SchedulerOutput) -> None:
+        for seq_id in sched.finished_seq_ids:
             self.states.pop(seq_id, None)
-        for item in out.seqs:
+            self._resume.pop(seq_id, None)
+        for item in sched.seqs:
             if item.params is None:
                 continue
-            params = SamplingParams.from_dict(item.params)
+            params = item.params
             old = self.states.get(item.seq_id)
             gen = old.generator if old is not None else (
                 make_generator(params.seed, self.device) if params.seed is not None else None)
+            resume = self._resume.pop(item.seq_id, None)
+            if gen is not None and resume is not None:
+                gen.set_state(resume)
             self.states[item.seq_id] = SeqState(params, list(item.prompt_token_ids or []),
                                                 list(item.output_token_ids or []), gen)
 
+    def generator_states(self, seq_ids: list[int]) -> dict[int, torch.Tensor | None]:
+        """Where each seeded sequence's draws stand (None: unseeded or unknown here)."""
+        out: dict[int, torch.Tensor | None] = {}
+        for sid in seq_ids:
+            st = self.states.get(sid)
+            out[sid] = st.generator.get_state() if st is not None and st.generator is not None else None
+        return out
+
+    def resume_generators(self, states: dict[int, torch.Tensor]) -> None:
+        """Sequences that arrive later with these ids continue their draws from the given states."""
+        self._resume.update({int(k): v for k, v in states.items() if v is not None})
+
     # --- inputs ----------------------------------------------------------------------------------------------
-    def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
-        order = sorted(out.seqs, key=lambda s: len(s.token_ids) != 1)  # stable: decodes first
+    def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
+        order = sorted(sched.seqs, key=lambda s: len(s.token_ids) != 1)  # stable: decodes first
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -141,13 +158,13 @@ class ModelRunner:
                 result.prompt_logprobs[item.seq_id] = entries
             start += n
 
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Single-stage convenience: update state, build inputs, forward, sample."""
-        self.update_states(out)
+        self.update_states(sched)
         t0 = time.perf_counter()
-        inputs = self.prepare_inputs(out)
+        inputs = self.prepare_inputs(sched)
         hidden = self.forward(inputs)
         t1 = time.perf_counter()
-        result = self.sample(inputs, hidden, out.step_id)
+        result = self.sample(inputs, hidden, sched.step_id)
         result.timings["forward_s"] = t1 - t0
         return result

@@ -1,23 +1,27 @@
 """One rank: its device, its shard of the model, its KV cache, and the step loop body (recv → forward → send/sample)."""
 from __future__ import annotations
 
+import importlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shardserve.config import EngineConfig
 from shardserve.distributed.parallel_state import collective_stats
-from shardserve.engine.sequence import ModelRunnerOutput, SchedulerOutput
-from shardserve.engine.sequence import ScheduledSeq
-from shardserve.layers.attention import get_attention_backend
+from shardserve.layers.attention import build_attention_backend
 from shardserve.layers.moe import FusedMoE, collect_expert_counts, reset_expert_counts
 from shardserve.models.base import ModelShard
 from shardserve.models.loader import load_model
+from shardserve.step import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from shardserve.utils.trace import Tracer
 from shardserve.worker.cuda_graph import MAX_GRAPH_BATCH, Capture, DecodeGraphs, capture_cuda, capture_sizes
+from shardserve.worker.kv_cache import KVCache
 from shardserve.worker.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from shardserve.distributed.parallel_state import ParallelState
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +37,8 @@ def gpu_kv_budget(total: int, utilization: float, peak_allocated: int, reserved:
 
 
 class Worker:
-    def __init__(self, cfg: EngineConfig, pstate: Any, layer_range: tuple[int, int], eos_token_ids: list[int],
-                 progress: bool = False) -> None:
+    def __init__(self, cfg: EngineConfig, pstate: ParallelState, layer_range: tuple[int, int],
+                 eos_token_ids: list[int], progress: bool = False) -> None:
         self.cfg = cfg
         self.pstate = pstate
         self.device = cfg.device
@@ -49,11 +53,13 @@ class Worker:
                                 else None, expert_placement=cfg.parallel.expert_placement)
         self.is_driver = pp.is_last_rank and pstate.tp.rank_in_group == 0  # returns sampled tokens
         t0 = time.perf_counter()
-        self.backend = get_attention_backend(self.device)
+        self.backend = build_attention_backend(cfg.model, self.device, pstate)
         self.model, self.read_counter = load_model(cfg.model, self.shard, self.backend, self.device,
                                                    progress=progress)
         self.load_time_s = time.perf_counter() - t0
         self.runner: ModelRunner | None = None
+        self.kv_cache: KVCache | None = None
+        self.num_blocks = 0
         self.eos_token_ids = eos_token_ids
         self.stage_timings = {"compute_s": 0.0, "sample_s": 0.0, "send_s": 0.0, "recv_s": 0.0, "steps": 0}
         self.stage = pp.rank_in_group
@@ -94,7 +100,7 @@ class Worker:
     def _dummy_forward(self, num_tokens: int) -> None:
         bs = self.cfg.cache.block_size
         nblocks = (num_tokens + bs - 1) // bs
-        caches = self._allocate(nblocks)
+        caches = self._allocate(nblocks).layers
         runner = ModelRunner(self.model, caches, bs, self.device, [], self.cfg.model.vocab_size)
         item = ScheduledSeq(seq_id=-1, token_ids=[0] * num_tokens, start_pos=0, block_table=list(range(nblocks)),
                             do_sample=False)
@@ -106,17 +112,18 @@ class Worker:
         runner.forward(inputs, intermediate)
         del caches, runner
 
-    def _allocate(self, num_blocks: int) -> list[torch.Tensor]:
+    def _allocate(self, num_blocks: int) -> KVCache:
         m = self.cfg.model
         kv_heads = max(1, m.num_kv_heads // self.pstate.tp.world_size)
-        shape = self.backend.kv_cache_shape(num_blocks, self.cfg.cache.block_size, kv_heads, m.head_dim)
-        return [torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(self.shard.num_local_layers)]
+        return KVCache(self.shard.num_local_layers, num_blocks, self.cfg.cache.block_size, kv_heads, m.head_dim,
+                       m.dtype, self.device, self.backend.kv_cache_shape)
 
     def init_cache(self, num_blocks: int) -> None:
         """Allocate the KV cache (plus, with CUDA graphs, one block no sequence owns, for the padding rows) and
         capture the decode graphs."""
         self.num_blocks = num_blocks
-        caches = self._allocate(num_blocks + self.use_graphs)
+        self.kv_cache = self._allocate(num_blocks + self.use_graphs)
+        caches = self.kv_cache.layers
         self.runner = ModelRunner(self.model, caches, self.cfg.cache.block_size, self.device,
                                   self.eos_token_ids, self.cfg.model.vocab_size, self.shard.is_last_stage)
         if self.use_graphs:
@@ -144,14 +151,14 @@ class Worker:
         return graphs
 
     # --- a step ------------------------------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run this rank's part of one step. A stage that is not the last sends hidden states (and every earlier
         stage's timings) to the next stage without blocking, so it can start the next micro-batch at once."""
         runner = self.runner
         assert runner is not None, "init_cache first"
-        runner.update_states(out)
-        inputs = runner.prepare_inputs(out)
-        pp, tm, step = self.pstate.pp, self.stage_timings, out.step_id
+        runner.update_states(sched)
+        inputs = runner.prepare_inputs(sched)
+        pp, tm, step = self.pstate.pp, self.stage_timings, sched.step_id
         intermediate, upstream = None, {}
         if not self.shard.is_first_stage:
             t0 = time.perf_counter()
@@ -160,13 +167,11 @@ class Worker:
             upstream = intermediate.pop("stage_timings")
             tm["recv_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        with self.tracer.span("compute", step=step, tokens=out.num_tokens):
+        with self.tracer.span("compute", step=step, tokens=sched.num_tokens):
             hidden = runner.forward(inputs, intermediate)
         tm["compute_s"] += time.perf_counter() - t0
         tm["steps"] += 1
         timings = {**upstream, str(self.stage): {**tm, **collective_stats()}}  # comm_* only with timing on
-        if self.has_moe:  # cumulative tokens per expert of this stage's MoE layers, keyed "e<layer>"
-            timings.update({f"e{layer}": counts for layer, counts in collect_expert_counts(self.model).items()})
         if not self.shard.is_last_stage:
             t0 = time.perf_counter()
             with self.tracer.span("send", tid=1, step=step):
@@ -185,14 +190,55 @@ class Worker:
         if not self.is_driver:
             return None
         for key, t in timings.items():
-            if key.startswith("e"):
-                result.expert_counts[int(key[1:])] = t
-            else:
-                result.timings.update({f"stage{key}_{k}": v for k, v in t.items()})
+            result.timings.update({f"stage{key}_{k}": v for k, v in t.items()})
         return result
+
+    # --- called by the executor's collective_rpc (results travel msgpack-encoded) ------------------------------
+    def call(self, method: str, args: tuple | list) -> Any:
+        """Run one collective_rpc call here: a public Worker method, or "package.module:function"(worker, *args)."""
+        if ":" in method:
+            module, name = method.split(":", 1)
+            return getattr(importlib.import_module(module), name)(self, *args)
+        fn = getattr(self, method, None) if not method.startswith("_") and method != "call" else None
+        if not callable(fn):
+            raise AttributeError(f"the worker has no public method {method!r}")
+        return fn(*args)
+
+    @property
+    def rank(self) -> int:
+        return self.pstate.rank
+
+    def load_info(self) -> dict[str, int]:
+        """What loading this rank's shard cost: bytes read from the checkpoint and milliseconds."""
+        return {"bytes_read": self.read_counter.bytes_read, "load_ms": int(self.load_time_s * 1e3)}
+
+    def expert_counts(self) -> dict[int, list[int]]:
+        """MoE layer → tokens routed to each expert so far (this stage's layers; global over the tp group)."""
+        return collect_expert_counts(self.model) if self.has_moe else {}
+
+    def trace_events(self) -> list[dict]:
+        """This rank's Chrome-trace events so far (empty unless --trace-file)."""
+        return list(self.tracer.events) if self.tracer.enabled else []
+
+    def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Whole blocks of every local layer, on the CPU (layout: worker/kv_cache.py)."""
+        assert self.kv_cache is not None, "init_cache first"
+        return self.kv_cache.read_blocks(block_ids).cpu()
+
+    def write_kv_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        assert self.kv_cache is not None, "init_cache first"
+        self.kv_cache.write_blocks(block_ids, blocks)
+
+    def sampler_states(self, seq_ids: list[int]) -> dict[int, torch.Tensor | None]:
+        """Each sequence's sampling-generator state (None: unseeded), to continue its draws elsewhere."""
+        assert self.runner is not None, "init_cache first"
+        return self.runner.generator_states(seq_ids)
+
+    def set_sampler_states(self, states: dict[int, torch.Tensor]) -> None:
+        """Generator states the next steps' sequences resume from (applied when their state is created)."""
+        assert self.runner is not None, "init_cache first"
+        self.runner.resume_generators(states)
 
     def close(self) -> None:
         for h in self._pending_sends:
             h.wait()
-        if self.tracer.enabled:
-            self.tracer.dump(f"{self.cfg.parallel.trace_file}.rank{self.pstate.rank}")

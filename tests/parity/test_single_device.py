@@ -42,7 +42,7 @@ def test_greedy_tokens_and_logits_match_transformers(checkpoint, arch):
 
 def _engine_last_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
     """Prefill `prompt` through the engine's own runner (paged cache) and return the last logits."""
-    from shardserve.engine.sequence import ScheduledSeq, SchedulerOutput
+    from shardserve.step import ScheduledSeq, SchedulerOutput
     worker = llm.engine.executor.worker
     runner = worker.runner
     bs = worker.cfg.cache.block_size

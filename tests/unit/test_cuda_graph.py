@@ -80,15 +80,15 @@ def test_pipeline_stage_graphs_match_eager(checkpoint, monkeypatch):
     equal the whole model's eager decode, step after step with changing batch sizes."""
     monkeypatch.setenv("SHARDSERVE_ATTENTION_BACKEND", "triton")
     from shardserve.config import ModelConfig
-    from shardserve.engine.sequence import ScheduledSeq, SchedulerOutput
-    from shardserve.layers.attention import get_attention_backend
+    from shardserve.step import ScheduledSeq, SchedulerOutput
+    from shardserve.layers.attention import build_attention_backend
     from shardserve.models.base import ModelShard
     from shardserve.models.loader import load_model
     from shardserve.worker.cuda_graph import DecodeGraphs, capture_eager
     from shardserve.worker.model_runner import ModelRunner
 
     cfg = ModelConfig.from_path(str(checkpoint("llama")), "float32", max_model_len=128)
-    backend = get_attention_backend("cpu")
+    backend = build_attention_backend(cfg, "cpu")
     bs, blocks = 16, 40
     shards = [ModelShard(None, 0, 4), ModelShard(None, 0, 2, is_last_stage=False),
               ModelShard(None, 2, 4, is_first_stage=False)]

@@ -146,9 +146,9 @@ def test_parse_expert_weight_names():
 
 
 def _model(arch: str, cfg: dict, shard: ModelShard):
-    from shardserve.layers.attention import get_attention_backend
+    from shardserve.layers.attention.torch_backend import TorchAttentionBackend
     from shardserve.models.registry import get_model_class
-    return get_model_class(arch)(cfg, shard, get_attention_backend("cpu"), torch.float32)
+    return get_model_class(arch)(cfg, shard, TorchAttentionBackend(), torch.float32)
 
 
 QWEN2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,

@@ -2,10 +2,10 @@
 (deltas in, full outputs rebuilt), without any server or process."""
 from __future__ import annotations
 
-import msgpack
 import pytest
 
-from shardserve.engine.core_proc import OutputAccumulator, OutputEncoder
+from shardserve.distributed import codec
+from shardserve.engine.output_wire import OutputAccumulator, OutputDelta, OutputEncoder
 from shardserve.entrypoints.openai.protocol import (APIError, ChatCompletionRequest, CompletionRequest, parse_body,
                                                     usage)
 from shardserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -124,7 +124,8 @@ def test_wire_round_trip_rebuilds_outputs():
     acc.add("r1", "hi", [1, 2, 3], n=2, want_logprobs=True)
     got = []
     for o in _engine_outputs():
-        wire = msgpack.unpackb(msgpack.packb(enc.encode(o)), raw=False)  # what crosses the socket
+        wire = codec.decode(codec.encode(enc.encode(o)))  # what crosses the socket
+        assert isinstance(wire, OutputDelta)
         got.append(acc.decode(wire))
     ref = _engine_outputs()
     for g, r in zip(got, ref):
@@ -141,9 +142,9 @@ def test_wire_round_trip_rebuilds_outputs():
 def test_wire_sends_prompt_logprobs_once_and_fail_builds_error():
     enc = OutputEncoder()
     outs = _engine_outputs()
-    assert "plp" in enc.encode(outs[0]) and "plp" not in enc.encode(outs[1])
+    assert enc.encode(outs[0]).prompt_logprobs is not None and enc.encode(outs[1]).prompt_logprobs is None
     acc = OutputAccumulator()
     acc.add("r2", None, [1], n=1, want_logprobs=False)
     failed = acc.fail("r2", "replica 0 died")
     assert failed.error == "replica 0 died" and failed.finished and failed.outputs[0].finish_reason == "error"
-    assert acc.fail("r2", "again") is None and acc.decode({"id": "zzz", "outs": [], "finished": False}) is None
+    assert acc.fail("r2", "again") is None and acc.decode(OutputDelta("zzz", False, [])) is None

@@ -8,7 +8,7 @@ import pytest
 
 import shardserve.entrypoints.router as router_mod
 from shardserve.engine.args import EngineArgs
-from shardserve.engine.async_engine import EngineUnavailable, RequestStream, _merge, _Req
+from shardserve.engine.request_stream import EngineUnavailable, RequestState, RequestStream, _merge
 from shardserve.entrypoints.router import QueueFull, ReplicaLoad, Router, pick_replica
 from shardserve.outputs import CompletionOutput, RequestOutput
 from shardserve.sampling_params import SamplingParams
@@ -29,7 +29,7 @@ def test_pick_replica():
 
 
 class FakeEngine:
-    """Stands in for AsyncEngine: tracks outstanding tokens; can be told to die."""
+    """Stands in for EngineCoreClient: tracks outstanding tokens; can be told to die."""
 
     def __init__(self, replica: int, on_exit, fail_start: int = 0) -> None:
         self.replica, self.on_exit = replica, on_exit
@@ -70,7 +70,7 @@ class FakeRouter(Router):
         self.made: list[FakeEngine] = []
         super().__init__(EngineArgs(data_parallel_size=dp), "model", 512, **kw)
 
-    def _new_engine(self, i: int) -> FakeEngine:  # type: ignore[override]
+    def _new_client(self, i: int) -> FakeEngine:  # type: ignore[override]
         e = FakeEngine(i, self._on_exit)
         self.made.append(e)
         return e
@@ -137,7 +137,7 @@ def test_router_restarts_a_dead_replica(monkeypatch):
 
 def test_router_start_failure_raises():
     class Bad(FakeRouter):
-        def _new_engine(self, i):
+        def _new_client(self, i):
             e = FakeEngine(i, self._on_exit, fail_start=int(i == 1))
             return e
 
@@ -164,7 +164,7 @@ def test_stream_merges_queued_outputs_and_raises_errors():
 
     async def main():
         loop = asyncio.get_running_loop()
-        req = _Req(asyncio.Queue(), 1, 3, 1, 0.0, loop.create_future())
+        req = RequestState(asyncio.Queue(), 1, 3, 1, 0.0, loop.create_future())
         eng = Eng()
         s = RequestStream("r", eng, req)  # type: ignore[arg-type]
         for k in range(1, 3):
@@ -176,7 +176,7 @@ def test_stream_merges_queued_outputs_and_raises_errors():
         assert eng.aborted == ["r"]  # unfinished when closed: aborted in the engine
         with pytest.raises(StopAsyncIteration):
             await s.__anext__()
-        req2 = _Req(asyncio.Queue(), 1, 3, 1, 0.0, loop.create_future())
+        req2 = RequestState(asyncio.Queue(), 1, 3, 1, 0.0, loop.create_future())
         s2 = RequestStream("r2", eng, req2)  # type: ignore[arg-type]
         req2.queue.put_nowait(_out("a", [1]))
         req2.queue.put_nowait(EngineUnavailable("replica 0 died"))
@@ -201,10 +201,49 @@ def test_gpu_replicas_get_disjoint_gpus():
     import pytest
 
     from shardserve.config import ConfigError
-    from shardserve.engine.core_proc import replica_gpus
+    from shardserve.engine.core_launch import replica_gpus
     visible = ["0", "1", "2", "3", "5"]
     assert [replica_gpus("cuda", 2, r, visible) for r in (0, 1)] == ["0,1", "2,3"]
     assert [replica_gpus("cuda", 1, r, visible) for r in range(5)] == ["0", "1", "2", "3", "5"]
     assert replica_gpus("cpu", 2, 3, []) is None
     with pytest.raises(ConfigError, match="replica 2 needs GPUs 4..5 .* but 5 are visible"):
         replica_gpus("cuda", 2, 2, visible)
+
+
+def test_offline_dp_and_server_drive_the_same_engine_core_client(tiny_model, monkeypatch):
+    """LLM(data_parallel_size=N) and the API server's Router both drive EngineCoreClient (one handshake, one
+    protocol). Cores are faked (no process): bad prompts still raise at add time, and a request the client cannot
+    send ends in an error output from step()."""
+    from shardserve.engine.core_client import EngineCoreClient
+    from shardserve.entrypoints.dp_offline import DataParallelEngines
+
+    async def fake_start(self, timeout: float = 0.0) -> None:
+        self.state = "ready"  # no process and no channel: add_request raises EngineUnavailable
+    monkeypatch.setattr(EngineCoreClient, "start", fake_start)
+    assert type(Router(EngineArgs(data_parallel_size=2), "model", 512)._new_client(0)) is EngineCoreClient
+    dp = DataParallelEngines(EngineArgs(model=str(tiny_model), device="cpu", max_model_len=64,
+                                        data_parallel_size=2), progress=False)
+    try:
+        assert len(dp.cores) == 2 and all(type(c) is EngineCoreClient for c in dp.cores)
+        assert [c.replica for c in dp.cores] == [0, 1]
+        with pytest.raises(ValueError, match="context length"):
+            dp.add_request("long", prompt_token_ids=[5] * 100, params=SamplingParams(max_tokens=4))
+        with pytest.raises(ValueError, match="either prompt"):
+            dp.add_request("none")
+        dp.add_request("a", prompt_token_ids=[5, 6], params=SamplingParams(max_tokens=4, n=2))
+        with pytest.raises(ValueError, match="already in use"):
+            dp.add_request("a", prompt_token_ids=[5, 6])
+        outs = []
+        for _ in range(100):
+            outs += dp.step()
+            if not dp.has_unfinished_requests():
+                break
+        assert [o.request_id for o in outs] == ["a"] and outs[0].finished and "not serving" in outs[0].error
+        assert [c.finish_reason for c in outs[0].outputs] == ["error", "error"]
+        assert dp.requests_per_replica == [1, 0]
+        dp.add_request("b", prompt_token_ids=[5])
+        dp.abort_request("b")
+        assert not dp.has_unfinished_requests() and dp.step() == []
+    finally:
+        dp.shutdown()
+    dp.shutdown()  # idempotent

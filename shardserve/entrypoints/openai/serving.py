@@ -8,26 +8,31 @@ import hmac
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from shardserve.engine.async_engine import EngineUnavailable, RequestRejected, RequestStream
+from shardserve.engine.request_stream import EngineUnavailable, RequestRejected, RequestStream
 from shardserve.entrypoints.openai.protocol import APIError
 from shardserve.entrypoints.router import QueueFull, Router
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from shardserve.metrics import ServerMetrics
+
 
 @dataclass
 class ServerState:
     router: Router
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     model_names: list[str]
     model_path: str
     max_model_len: int
-    metrics: Any
+    metrics: ServerMetrics
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     loading_error: str | None = None

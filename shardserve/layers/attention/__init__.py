@@ -1,18 +1,43 @@
-"""Paged attention: the metadata every backend reads, and backend selection by device.
+"""Paged attention: the metadata every backend reads, the Attention layer models call, and the backend factory.
 
-cuda → the Triton backend when triton imports (decode kernel over the block table), else torch;
-cpu → the torch backend. SHARDSERVE_ATTENTION_BACKEND=torch|triton overrides the choice."""
+build_attention_backend(model, device, pstate) picks the backend for one rank from the model's config and the
+rank's parallel state: cuda → the Triton backend when triton imports (paged decode and prefill kernels over the block
+table), else torch; cpu → the torch backend. SHARDSERVE_ATTENTION_BACKEND=torch|triton|auto overrides the choice."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 from shardserve.layers.attention.base import AttentionBackend, AttentionMetadata
+from shardserve.layers.attention.layer import Attention
+
+if TYPE_CHECKING:  # types only: config.py imports the executor package at runtime
+    from shardserve.config import ModelConfig
+    from shardserve.distributed.parallel_state import ParallelState
+
+BACKEND_ENV = "SHARDSERVE_ATTENTION_BACKEND"
 
 
-def get_attention_backend(device: str) -> AttentionBackend:
-    choice = os.environ.get("SHARDSERVE_ATTENTION_BACKEND", "auto")
+def build_attention_backend(model: "ModelConfig", device: str,
+                            pstate: "ParallelState | Any | None" = None) -> AttentionBackend:
+    """The attention backend of one rank: `model` (its head layout and dtype), `device` ("cpu", "cuda", "cuda:N")
+    and `pstate` (the rank's ParallelState, or anything with `.tp.world_size`; None = a single rank).
+
+    Checks that the rank-local layout is one the kernels serve (query heads per rank a multiple of KV heads per
+    rank, KV heads replicated when tp > num_kv_heads), then picks the backend (see the module docstring)."""
+    tp_size = pstate.tp.world_size if pstate is not None else 1
+    heads, kv_heads = model.num_heads, model.num_kv_heads
+    local_heads, local_kv = heads // tp_size, max(1, kv_heads // tp_size)
+    if heads % tp_size == 0 and local_heads % local_kv:  # (an uneven head split is QKVParallelLinear's error)
+        raise ValueError(f"{local_heads} query heads per rank do not group over {local_kv} KV heads per rank "
+                         f"(num_attention_heads {heads}, num_key_value_heads {kv_heads}, tp {tp_size})")
+    return _choose(device)
+
+
+def _choose(device: str) -> AttentionBackend:
+    choice = os.environ.get(BACKEND_ENV, "auto")
     if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"SHARDSERVE_ATTENTION_BACKEND={choice!r}; use auto, torch or triton")
+        raise ValueError(f"{BACKEND_ENV}={choice!r}; use auto, torch or triton")
     if choice == "triton" or (choice == "auto" and device.startswith("cuda") and _has_triton()):
         from shardserve.layers.attention.triton_backend import TritonAttentionBackend
         return TritonAttentionBackend()
@@ -28,4 +53,4 @@ def _has_triton() -> bool:
     return True
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "get_attention_backend"]
+__all__ = ["Attention", "AttentionBackend", "AttentionMetadata", "build_attention_backend"]

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+AttentionOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # out, or (out, lse) with return_lse
+
 
 @dataclass
 class AttentionMetadata:
@@ -36,7 +38,13 @@ class AttentionBackend:
         raise NotImplementedError
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                logits_soft_cap: float | None = None, return_lse: bool = False) -> AttentionOutput:
         """q [tokens, heads, dim], k/v [tokens, kv_heads, dim], kv_cache of kv_cache_shape(...)
-        → [tokens, heads * dim]."""
+        → out [tokens, heads * dim], or (out, lse [tokens, heads] float32) with return_lse.
+
+        Scores are s = q·k * scale, then logits_soft_cap * tanh(s / logits_soft_cap) when a cap is set; a query at
+        absolute position p attends keys at positions j <= p (and j > p - sliding_window). The LSE is the natural
+        log of the sum of exp(s) over the attended keys, so partial attentions over disjoint key sets merge
+        exactly: out = Σ_i exp(lse_i - lse) out_i with lse = logsumexp_i(lse_i)."""
         raise NotImplementedError

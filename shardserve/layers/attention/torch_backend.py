@@ -2,7 +2,8 @@
 
 The cache is head-major, [2, kv_heads, blocks, block_size, dim] per layer, so a gather of blocks lands directly
 in SDPA's [kv_heads, len, dim] layout (no transpose copy). Decodes are attended in a few groups of similar
-length, so short sequences are not padded to the longest one."""
+length, so short sequences are not padded to the longest one. SDPA hides the log-sum-exp and has no soft-cap, so
+those (return_lse=True, logits_soft_cap set) take an explicit float32 path (_explicit); the default path is SDPA's."""
 from __future__ import annotations
 
 import torch
@@ -51,17 +52,52 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return o.reshape(*lead, heads, q_len, dim)
 
 
+def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+              causal: bool, soft_cap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with the scores materialised in float32: q [..., heads, q_len, dim], k/v [..., kv_heads, kv_len,
+    dim], mask (True = attend) broadcastable to [..., q_len, kv_len] → (out like q, lse [..., heads, q_len] float32).
+
+    Query head h reads KV head h // groups, as in _sdpa; K/V are broadcast over the group dim, never copied."""
+    *lead, heads, q_len, dim = q.shape
+    kv_heads, kv_len = k.shape[-3], k.shape[-2]
+    groups = heads // kv_heads
+    qg = q.reshape(*lead, kv_heads, groups, q_len, dim).float()  # [..., kv_heads, groups, q_len, dim]
+    kf, vf = k.float().unsqueeze(-3), v.float().unsqueeze(-3)  # [..., kv_heads, 1, kv_len, dim]
+    s = torch.matmul(qg, kf.transpose(-1, -2)) * scale  # [..., kv_heads, groups, q_len, kv_len]
+    if soft_cap is not None:
+        s = soft_cap * torch.tanh(s / soft_cap)
+    if causal:  # the queries are the last q_len positions of the kv_len keys
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+    if mask is not None:
+        if mask.dim() > 2:  # [..., 1, q_len, kv_len] (one head dim): add a groups dim so it lines up with s
+            mask = mask.unsqueeze(-3)
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [..., kv_heads, groups, q_len]
+    p = torch.exp(s - lse.unsqueeze(-1))
+    out = torch.matmul(p, vf)  # [..., kv_heads, groups, q_len, dim]
+    return out.reshape(*lead, heads, q_len, dim).to(q.dtype), lse.reshape(*lead, heads, q_len)
+
+
+def _attend(q, k, v, mask, scale: float, causal: bool, soft_cap: float | None, want_lse: bool):
+    """_sdpa (the default, fast path) or _explicit when a soft-cap or the LSE is asked for; → (out, lse or None)."""
+    if soft_cap is None and not want_lse:
+        return _sdpa(q, k, v, mask, scale, causal=causal), None
+    return _explicit(q, k, v, mask, scale, causal, soft_cap)
+
+
 class TorchAttentionBackend(AttentionBackend):
     def kv_cache_shape(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (2, kv_heads, num_blocks, block_size, head_dim)
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, sliding_window=None,
+                logits_soft_cap=None, return_lse=False):
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
-        heads, dim = q.shape[-2:]
+        tokens, heads, dim = q.shape
         out = torch.empty_like(q)  # [tokens, heads, dim]
+        lse = torch.empty(tokens, heads, dtype=torch.float32, device=q.device) if return_lse else None
         nd = meta.num_decodes
         if nd:
-            self._decode(q[:nd], out, kv_cache, meta, scale, sliding_window)
+            self._decode(q[:nd], out, kv_cache, meta, scale, sliding_window, logits_soft_cap, lse)
         start = nd
         for i in range(nd, len(meta.seq_lens)):
             q_len, ctx_len = meta.query_lens[i], meta.seq_lens[i]
@@ -72,26 +108,33 @@ class TorchAttentionBackend(AttentionBackend):
                 nblocks = -(-ctx_len // meta.block_size)
                 ki, vi = gather_blocks(kv_cache, meta.block_tables[i:i + 1, :nblocks], ctx_len)
                 ki, vi = ki[0], vi[0]  # [kv_heads, ctx_len, dim]
-            out[start:start + q_len] = self._prefill(qi, ki, vi, ctx_len, scale, sliding_window).transpose(0, 1)
+            o, lse_i = self._prefill(qi, ki, vi, ctx_len, scale, sliding_window, logits_soft_cap, return_lse)
+            out[start:start + q_len] = o.transpose(0, 1)
+            if lse is not None:
+                lse[start:start + q_len] = lse_i.transpose(0, 1)  # [heads, q_len] -> [q_len, heads]
             start += q_len
-        return out.view(-1, heads * dim)
+        out = out.view(-1, heads * dim)
+        return (out, lse) if return_lse else out
 
     @staticmethod
-    def _prefill(q, k, v, ctx_len: int, scale: float, window: int | None) -> torch.Tensor:
-        """q [heads, q_len, dim] (the last q_len positions of the context), k/v [kv_heads, ctx_len, dim]."""
+    def _prefill(q, k, v, ctx_len: int, scale: float, window: int | None, soft_cap: float | None = None,
+                 want_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q [heads, q_len, dim] (the last q_len positions of the context), k/v [kv_heads, ctx_len, dim]
+        → (out [heads, q_len, dim], lse [heads, q_len] or None)."""
         q_len = q.shape[1]
         if q_len == ctx_len and window is None:
-            return _sdpa(q, k, v, None, scale, causal=True)
+            return _attend(q, k, v, None, scale, True, soft_cap, want_lse)
         q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device).unsqueeze(1)  # [q_len, 1]
         k_pos = torch.arange(ctx_len, device=q.device).unsqueeze(0)  # [1, ctx_len]
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
-        return _sdpa(q, k, v, mask, scale)
+        return _attend(q, k, v, mask, scale, False, soft_cap, want_lse)
 
     @staticmethod
-    def _decode(q, out, kv_cache, meta: AttentionMetadata, scale: float, window: int | None) -> None:
-        """One query token per sequence, in groups of similar context length."""
+    def _decode(q, out, kv_cache, meta: AttentionMetadata, scale: float, window: int | None,
+                soft_cap: float | None = None, lse: torch.Tensor | None = None) -> None:
+        """One query token per sequence, in groups of similar context length; fills out[:nd] (and lse[:nd])."""
         nd = q.shape[0]
         lens = meta.seq_lens[:nd]
         groups = max(1, min(DECODE_GROUPS_MAX, nd // DECODE_GROUP_MIN))
@@ -110,8 +153,16 @@ class TorchAttentionBackend(AttentionBackend):
             if window is not None:
                 mask &= k_pos > lens_col - 1 - window
             qi = q if rows is None else q.index_select(0, rows)
-            o = _sdpa(qi.unsqueeze(2), k, v, mask[:, None, None, :], scale).squeeze(2)  # [seqs, heads, dim]
+            o, lse_g = _attend(qi.unsqueeze(2), k, v, mask[:, None, None, :], scale, False, soft_cap,
+                               lse is not None)
+            o = o.squeeze(2)  # [seqs, heads, 1, dim] -> [seqs, heads, dim]
             if rows is None:
                 out[:nd] = o
             else:
                 out.index_copy_(0, rows, o)
+            if lse is not None:
+                lse_g = lse_g.squeeze(2)  # [seqs, heads, 1] -> [seqs, heads]
+                if rows is None:
+                    lse[:nd] = lse_g
+                else:
+                    lse.index_copy_(0, rows, lse_g)

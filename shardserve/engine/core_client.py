@@ -1,18 +1,26 @@
-"""The async engine: one engine-core process driven from asyncio — a background loop reads its outputs, every
-request gets its own output stream, and a request whose consumer goes away is aborted in the core at once."""
+"""EngineCoreClient: the asyncio client of one engine-core process (the API server's and offline DP's alike).
+
+It launches the core and does the handshake, reads its messages in a background task, gives every request its own
+output stream, and aborts in the core a request whose consumer goes away.
+"""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import subprocess
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from shardserve.engine.core_proc import OutputAccumulator, launch_core, new_unpacker, pack, tokens_match
-from shardserve.outputs import RequestOutput
+from shardserve.distributed import codec
+from shardserve.engine.core_launch import launch_core
+from shardserve.engine.output_wire import OutputAccumulator, OutputDelta
+from shardserve.engine.request_stream import EngineUnavailable, RequestRejected, RequestState, RequestStream
 from shardserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from shardserve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -20,93 +28,21 @@ START_TIMEOUT_S = 600.0
 HEARTBEAT_TIMEOUT_S = 60.0   # a core silent this long while it holds requests is taken for hung and killed
 
 
-class EngineUnavailable(RuntimeError):
-    """The replica is not serving (starting, dead or stopped); the request was not (or no longer) run there."""
+def tokens_match(expected: str, got: Any) -> bool:
+    """Constant-time comparison of the hello's token with ours."""
+    return isinstance(got, str) and hmac.compare_digest(expected.encode(), got.encode())
 
 
-class RequestRejected(ValueError):
-    """The engine refused the request (prompt too long, max_tokens too big, bad token ids...): a client error."""
+class EngineCoreClient:
+    """The client of one engine-core process (one replica): the process, the channel to it, and the streams of the
+    requests it holds. The API server's Router and the offline DataParallelEngines both drive these.
 
-
-@dataclass
-class _Req:
-    queue: asyncio.Queue
-    prompt_len: int
-    max_tokens: int          # per sample
-    n: int
-    arrival: float
-    acked: asyncio.Future
-    generated: int = 0
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    finished: bool = False
-
-    @property
-    def outstanding_tokens(self) -> int:
-        """Work left in the core: the prompt until its first token, plus the tokens still to generate."""
-        return (0 if self.first_token_time else self.prompt_len) + max(0, self.max_tokens * self.n - self.generated)
-
-
-@dataclass
-class RequestStream:
-    """The outputs of one request, in order. Iterate it; close() it when done (aborts it if unfinished)."""
-    request_id: str
-    engine: "AsyncEngine"
-    _req: _Req = field(repr=False)
-    _closed: bool = False
-
-    @property
-    def replica(self) -> int:
-        return self.engine.replica
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._closed or (self._req.finished and self._req.queue.empty()):
-            raise StopAsyncIteration
-        item = await self._req.queue.get()
-        # merge what else is already here: a slow consumer gets one output per wake-up, not a backlog
-        while not self._req.queue.empty() and isinstance(item, RequestOutput) and not item.finished:
-            nxt = self._req.queue.get_nowait()
-            if not isinstance(nxt, RequestOutput):
-                self._req.queue.put_nowait(nxt)  # an error: deliver what we have first
-                break
-            item = _merge(item, nxt)
-        if isinstance(item, Exception):
-            self._closed = True
-            raise item
-        return item
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if not self._req.finished:
-                self.engine.abort(self.request_id)
-
-
-def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """b is cumulative; its deltas must also cover what a added."""
-    prev = {c.index: c for c in a.outputs}
-    for c in b.outputs:
-        p = prev.pop(c.index, None)
-        if p is not None:
-            c.text_delta = p.text_delta + c.text_delta
-            c.token_ids_delta = p.token_ids_delta + c.token_ids_delta
-            c.logprobs_delta = list(p.logprobs_delta or []) + list(c.logprobs_delta or [])
-    b.outputs = sorted(b.outputs + list(prev.values()), key=lambda c: c.index)
-    return b
-
-
-class AsyncEngine:
-    """One replica: its core process, the channel to it, and the streams of the requests it holds.
-
-    `metrics` (optional) receives per-replica events (see shardserve.metrics.ServerMetrics); `on_exit(engine)`
+    `metrics` (optional) receives per-replica events (see shardserve.metrics.ServerMetrics); `on_exit(client)`
     is called once when a ready core dies or hangs (the router restarts it).
     """
 
-    def __init__(self, engine_args: dict[str, Any], replica: int = 0, threads: int = 1, metrics=None,
-                 on_exit: Callable[["AsyncEngine"], None] | None = None,
+    def __init__(self, engine_args: dict[str, Any], replica: int = 0, threads: int = 1,
+                 metrics: ServerMetrics | None = None, on_exit: Callable[[EngineCoreClient], None] | None = None,
                  heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> None:
         self.engine_args = engine_args
         self.replica = replica
@@ -119,7 +55,7 @@ class AsyncEngine:
         self.proc: subprocess.Popen | None = None
         self.stats: dict[str, float] = {}
         self.num_blocks = 0
-        self._reqs: dict[str, _Req] = {}
+        self._reqs: dict[str, RequestState] = {}
         self._acc = OutputAccumulator()
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task] = []
@@ -142,31 +78,33 @@ class AsyncEngine:
         connected: asyncio.Future = asyncio.get_running_loop().create_future()
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            unpacker = new_unpacker()
+            decoder = codec.StreamDecoder()
             try:
                 while True:  # the first message must be a hello with our token
-                    msgs = list(unpacker)
+                    msgs = list(decoder)
                     if msgs:
                         break
                     data = await asyncio.wait_for(reader.read(1 << 16), 10)
                     if not data:
                         raise ConnectionError("closed")
-                    unpacker.feed(data)
+                    decoder.feed(data)
             except (Exception, asyncio.CancelledError):
                 writer.close()
                 return
-            if connected.done() or msgs[0].get("t") != "hello" or not tokens_match(token, msgs[0].get("token")):
+            hello = msgs[0]
+            if connected.done() or not isinstance(hello, dict) or hello.get("t") != "hello" \
+                    or not tokens_match(token, hello.get("token")):
                 writer.close()  # a stranger on our port
                 return
-            connected.set_result((reader, writer, unpacker, msgs[1:]))
+            connected.set_result((reader, writer, decoder, msgs[1:]))
 
         server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         self.proc = launch_core(self.engine_args, self.replica, port, token, self.threads)
         try:
-            reader, writer, unpacker, early = await self._wait(connected, timeout, "connect")
+            reader, writer, decoder, early = await self._wait(connected, timeout, "connect")
             self._writer = writer
-            ready = await self._wait(asyncio.ensure_future(self._read_until_ready(reader, unpacker, early)),
+            ready = await self._wait(asyncio.ensure_future(self._read_until_ready(reader, decoder, early)),
                                      timeout, "load the model")
         except BaseException:
             self._kill()
@@ -177,7 +115,7 @@ class AsyncEngine:
         self.num_blocks = int(ready.get("num_blocks", 0))
         self.state = "ready"
         self._last_msg = time.monotonic()
-        self._tasks = [asyncio.create_task(self._read_loop(reader, unpacker)),
+        self._tasks = [asyncio.create_task(self._read_loop(reader, decoder)),
                        asyncio.create_task(self._watchdog())]
         logger.info("replica %d ready (pid %d, %d KV blocks)", self.replica, self.proc.pid, self.num_blocks)
 
@@ -194,7 +132,8 @@ class AsyncEngine:
                 why = f"exited with code {code}" if code is not None else f"did not {what} within {timeout:.0f} s"
                 raise EngineUnavailable(f"engine core {self.replica} {why} before it was ready")
 
-    async def _read_until_ready(self, reader: asyncio.StreamReader, unpacker, early: list[dict]) -> dict:
+    async def _read_until_ready(self, reader: asyncio.StreamReader, decoder: codec.StreamDecoder,
+                                early: list[dict]) -> dict:
         pending = list(early)
         while True:
             for msg in pending:
@@ -205,8 +144,8 @@ class AsyncEngine:
             data = await reader.read(1 << 16)
             if not data:
                 raise EngineUnavailable(f"engine core {self.replica} closed its channel during start-up")
-            unpacker.feed(data)
-            pending = list(unpacker)
+            decoder.feed(data)
+            pending = list(decoder)
 
     async def shutdown(self) -> None:
         if self.state in ("stopped",):
@@ -218,7 +157,7 @@ class AsyncEngine:
         self._fail_all(f"the server is shutting down; replica {self.replica} stopped")
         if was == "ready" and self._writer is not None:
             try:
-                self._writer.write(pack({"t": "shutdown"}))
+                self._writer.write(codec.encode({"t": "shutdown"}))
                 await asyncio.wait_for(self._writer.drain(), 1.0)
             except Exception:
                 pass
@@ -271,7 +210,7 @@ class AsyncEngine:
             self._acc.drop(rid)
         self._reqs.clear()
 
-    # --- load (for the router) -----------------------------------------------------------------------------
+    # --- load (for routing) --------------------------------------------------------------------------------
     @property
     def num_in_flight(self) -> int:
         return len(self._reqs)
@@ -298,11 +237,14 @@ class AsyncEngine:
         max_tokens = params.max_tokens if params.max_tokens is not None else \
             max(1, (max_model_len or len(ids) + 1) - len(ids))
         try:
-            msg = pack({"t": "add", "id": request_id, "prompt_token_ids": ids, "params": params.to_dict()})
+            # the core decodes params through SamplingParams.from_dict: one it would refuse (changed after it was
+            # validated) must be refused here, as a message that fails to decode breaks the whole channel
+            SamplingParams.from_dict(params.to_dict())
+            msg = codec.encode({"t": "add", "id": request_id, "prompt_token_ids": ids, "params": params})
         except (OverflowError, TypeError, ValueError) as e:  # e.g. an id beyond 64 bits: never reaches the core
             raise RequestRejected(f"the request cannot be encoded: {e}") from None
-        req = _Req(asyncio.Queue(), len(ids), max_tokens, params.n, arrival or time.monotonic(),
-                   asyncio.get_running_loop().create_future())
+        req = RequestState(asyncio.Queue(), len(ids), max_tokens, params.n, arrival or time.monotonic(),
+                           asyncio.get_running_loop().create_future())
         self._reqs[request_id] = req
         self._acc.add(request_id, prompt, ids, params.n, params.logprobs is not None)
         self._writer.write(msg)
@@ -326,10 +268,10 @@ class AsyncEngine:
         if self.metrics is not None and accepted:
             self.metrics.on_request_finished(self.replica, "abort", time.monotonic() - req.arrival)
         if self.state == "ready" and self._writer is not None:
-            self._writer.write(pack({"t": "abort", "ids": [request_id]}))
+            self._writer.write(codec.encode({"t": "abort", "ids": [request_id]}))
 
     # --- the background loop -------------------------------------------------------------------------------
-    async def _read_loop(self, reader: asyncio.StreamReader, unpacker) -> None:
+    async def _read_loop(self, reader: asyncio.StreamReader, decoder: codec.StreamDecoder) -> None:
         try:
             while True:
                 data = await reader.read(1 << 20)
@@ -343,8 +285,8 @@ class AsyncEngine:
                     return self._died(f"engine core process exited with code {code}" if code is not None
                                       else "engine core closed its channel")
                 self._last_msg = time.monotonic()
-                unpacker.feed(data)
-                for msg in unpacker:
+                decoder.feed(data)
+                for msg in decoder:
                     self._handle(msg)
         except asyncio.CancelledError:
             raise
@@ -377,8 +319,8 @@ class AsyncEngine:
         elif kind == "dead":
             self._died(f"engine failure: {msg.get('reason')}")
 
-    def _on_output(self, d: dict, now: float) -> None:
-        req = self._reqs.get(d["id"])
+    def _on_output(self, d: OutputDelta, now: float) -> None:
+        req = self._reqs.get(d.request_id)
         out = self._acc.decode(d)
         if req is None or out is None:
             return
@@ -396,14 +338,14 @@ class AsyncEngine:
             req.last_token_time = now
         if out.error:
             req.finished = True
-            self._reqs.pop(d["id"], None)
+            self._reqs.pop(d.request_id, None)
             req.queue.put_nowait(EngineUnavailable(f"replica {self.replica}: {out.error}"))
             if self.metrics is not None:
                 self.metrics.on_request_finished(self.replica, "error", now - req.arrival)
             return
         if out.finished:
             req.finished = True
-            self._reqs.pop(d["id"], None)
+            self._reqs.pop(d.request_id, None)
             if self.metrics is not None:
                 reason = out.outputs[0].finish_reason if out.outputs else "stop"
                 self.metrics.on_request_finished(self.replica, reason or "stop", now - req.arrival)
