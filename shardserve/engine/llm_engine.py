@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shardserve.config import ConfigError, EngineConfig
-from shardserve.engine.detokenizer import IncrementalDetokenizer
+from shardserve.engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
 from shardserve.engine.scheduler import Scheduler
 from shardserve.engine.sequence import Sequence
 from shardserve.step import ModelRunnerOutput, SchedulerOutput
@@ -23,13 +23,62 @@ from shardserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+# Files of which a Hugging Face tokenizer directory has at least one (AutoTokenizer needs no other to start)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
+_NO_TOKENIZER_HINT = ("pass a tokenizer directory with --tokenizer DIR (LLM(tokenizer=DIR)), or run on token ids "
+                      "alone with --skip-tokenizer-init (LLM(skip_tokenizer_init=True), then "
+                      "generate(prompt_token_ids=...))")
+
+
 def load_tokenizer(path: str):
+    """The tokenizer at `path`: a GGUF file's own vocabulary, else a Hugging Face tokenizer directory. A directory
+    without tokenizer files, or one transformers cannot load, is a ConfigError that names it and the flags to use."""
+    try:
+        from shardserve.models import gguf_loader
+    except ModuleNotFoundError as e:  # that module is optional; an import failing inside it is not hidden
+        if e.name != "shardserve.models.gguf_loader":
+            raise
+        gguf_loader = None
+    if gguf_loader is not None and gguf_loader.is_gguf(str(path)):
+        return gguf_loader.load_gguf_tokenizer(str(path))
+    p = Path(path)
+    if p.is_dir() and not (any((p / f).is_file() for f in TOKENIZER_FILES) or any(p.glob("*.tiktoken"))):
+        raise ConfigError(f"{p} has no tokenizer (no tokenizer.json, tokenizer_config.json, tokenizer.model or "
+                          f"vocabulary file); {_NO_TOKENIZER_HINT}")
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"cannot load the tokenizer in {path} ({type(e).__name__}: {' '.join(str(e).split())}); "
+                          f"{_NO_TOKENIZER_HINT}") from e
+
+
+def prompt_ids(tokenizer, prompt: str | None, prompt_token_ids: list[int] | None,
+               params: SamplingParams) -> list[int]:
+    """The request's prompt as token ids (encoding the text when no ids are given). Without a tokenizer
+    (skip_tokenizer_init) text prompts and stop strings are refused, each with what to pass instead."""
+    if tokenizer is None:
+        if prompt_token_ids is None and prompt is not None:
+            raise ValueError("this engine was started with skip_tokenizer_init (--skip-tokenizer-init) and has no "
+                             "tokenizer to encode a text prompt; pass prompt_token_ids, or drop "
+                             "--skip-tokenizer-init (with --tokenizer DIR if the model has no tokenizer)")
+        if params.stop:
+            raise ValueError("stop strings need a tokenizer, and this engine was started with skip_tokenizer_init "
+                             "(--skip-tokenizer-init); use stop_token_ids, or drop --skip-tokenizer-init")
+    if prompt_token_ids is None:
+        if prompt is None:
+            raise ValueError("either prompt or prompt_token_ids is required")
+        prompt_token_ids = tokenizer.encode(prompt)
+    return [int(t) for t in prompt_token_ids]
 
 
 def eos_token_ids(model_dir: str, hf_config: dict[str, Any], tokenizer) -> list[int]:
-    """EOS ids from generation_config.json, else config.json, else the tokenizer."""
+    """EOS ids from generation_config.json, else config.json, else the tokenizer; a GGUF file's from its metadata
+    (EOS, EOT, EOM and the end-of-turn control tokens llama.cpp stops on)."""
+    from shardserve.models.gguf_loader import gguf_eos_token_ids, is_gguf
+    if is_gguf(str(model_dir)) and (ids := gguf_eos_token_ids(str(model_dir))):
+        return ids
     gen = Path(model_dir) / "generation_config.json"
     for source in ([json.loads(gen.read_text())] if gen.is_file() else []) + [hf_config]:
         eos = source.get("eos_token_id")
@@ -67,7 +116,7 @@ class _Request:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
-    detoks: list[IncrementalDetokenizer]
+    detoks: list[IncrementalDetokenizer | NullDetokenizer]
     metrics: RequestMetrics
     prompt_logprobs: list[dict | None] | None = None
     sent_tokens: list[int] = field(default_factory=list)  # per seq: tokens already reported (for deltas)
@@ -77,7 +126,8 @@ class _Request:
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, progress: bool = True) -> None:
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer)
+        # skip_tokenizer_init: no tokenizer at all (token-id prompts, outputs without text, EOS from the configs)
+        self.tokenizer = None if cfg.model.skip_tokenizer_init else load_tokenizer(cfg.model.tokenizer)
         self.eos_token_ids = eos_token_ids(cfg.model.model, cfg.model.hf_config, self.tokenizer)
         self.executor = make_executor(cfg, self.eos_token_ids, progress)
         num_blocks = self.executor.num_blocks
@@ -106,11 +156,7 @@ class LLMEngine:
             raise EngineDeadError(self.dead)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise ValueError("either prompt or prompt_token_ids is required")
-            prompt_token_ids = self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt_token_ids]
+        ids = prompt_ids(self.tokenizer, prompt, prompt_token_ids, params)
         max_tokens = validate_request(ids, params, self.cfg.model.max_model_len, self.cfg.model.vocab_size)
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs, detoks = [], []
@@ -121,7 +167,8 @@ class LLMEngine:
             seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, index=i, prompt_token_ids=ids,
                            params=p, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids, arrival_time=now)
             seqs.append(seq)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.stop,
+            detoks.append(NullDetokenizer() if self.tokenizer is None else
+                          IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.stop,
                                                  p.include_stop_str_in_output, p.spaces_between_special_tokens))
         req = _Request(request_id, prompt, ids, seqs, detoks, RequestMetrics(arrival_time=now),
                        sent_tokens=[0] * len(seqs), pending_text=[""] * len(seqs))
@@ -234,7 +281,7 @@ class LLMEngine:
             touched[req.request_id] = req
         return [self._make_output(req) for req in touched.values()]
 
-    def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer, token: int) -> None:
+    def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer | NullDetokenizer, token: int) -> None:
         p = seq.params
         n_out = seq.num_output_tokens
         if n_out >= p.min_tokens:

@@ -1,4 +1,4 @@
-"""The `shardserve` command: generate, serve, bench, plan, make-tiny-model."""
+"""The `shardserve` command: generate, chat, serve, bench, plan, make-tiny-model, make-random-model."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +9,10 @@ import sys
 from shardserve.config import ConfigError
 
 EPILOG = """examples:
-  shardserve generate --prompt "Hello" --max-tokens 32          # built-in tiny model (random weights)
+  shardserve generate --chat --prompt "What is the capital of France?"   # built-in SmolLM2-135M-Instruct
+  shardserve chat                                               # interactive, streaming
   shardserve generate --model DIR -tp 2 --prompt "Hi" --temperature 0.8 --seed 1
-  shardserve make-tiny-model ./tiny                             # write the built-in model anywhere
+  shardserve make-tiny-model ./tiny                             # the random tiny test model
   shardserve bench throughput --compare-hf                      # engine vs transformers tokens/s
 """
 
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
+    from shardserve.entrypoints.chat_cli import add_chat_parser
+    add_chat_parser(sub)
     _add_make_tiny(sub)
     _add_make_random(sub)
     from shardserve.bench.cli import add_bench_parser

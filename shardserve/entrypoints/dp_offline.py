@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from shardserve.engine.args import EngineArgs
 from shardserve.engine.core_client import EngineCoreClient
 from shardserve.engine.core_launch import core_threads
-from shardserve.engine.llm_engine import EngineDeadError, load_tokenizer, validate_request
+from shardserve.engine.llm_engine import EngineDeadError, load_tokenizer, prompt_ids, validate_request
 from shardserve.engine.request_stream import RequestStream
 from shardserve.entrypoints.router import ReplicaLoad, core_engine_args, pick_replica
 from shardserve.outputs import CompletionOutput, RequestOutput
@@ -51,7 +51,9 @@ class DataParallelEngines:
     def __init__(self, args: EngineArgs, progress: bool = True) -> None:
         model = args.resolve_model(progress)
         self.cfg: EngineConfig = replace(args, model=model, data_parallel_size=1).create_config(progress)  # replica 0
-        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.cfg.model.tokenizer)
+        # skip_tokenizer_init: no tokenizer here nor in the cores (each builds its config from the same args)
+        self.tokenizer: PreTrainedTokenizerBase | None = \
+            None if self.cfg.model.skip_tokenizer_init else load_tokenizer(self.cfg.model.tokenizer)
         n = args.data_parallel_size
         core_args = core_engine_args(args, self.cfg.model.max_model_len, model)
         threads = core_threads(n)
@@ -87,11 +89,7 @@ class DataParallelEngines:
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise ValueError("either prompt or prompt_token_ids is required")
-            prompt_token_ids = self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt_token_ids]
+        ids = prompt_ids(self.tokenizer, prompt, prompt_token_ids, params)
         # the engine's own checks, here so that a bad prompt raises at add time as with one engine
         validate_request(ids, params, self.cfg.model.max_model_len, self.cfg.model.vocab_size)
         if not any(c.healthy for c in self.cores):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Sequence as Seq
+from typing import TYPE_CHECKING, Any, Iterator, Sequence as Seq
 
 from tqdm import tqdm
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 class LLM:
     """Generate from a batch of prompts with continuous batching.
 
-    >>> llm = LLM()                       # the built-in tiny model (random weights)
+    >>> llm = LLM()                       # the built-in SmolLM2-135M-Instruct
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
     """
 
@@ -34,6 +34,7 @@ class LLM:
         self._ids = itertools.count()
 
     def get_tokenizer(self):
+        """The engine's tokenizer; None when it was started with skip_tokenizer_init."""
         return self.engine.tokenizer
 
     def generate(self, prompts: str | Seq[str] | None = None,
@@ -67,6 +68,10 @@ class LLM:
         """Apply the tokenizer's chat template to one conversation (or a list of them) and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.get_tokenizer()
+        if tok is None:
+            raise ValueError("chat needs the tokenizer's chat template, and this LLM was started with "
+                             "skip_tokenizer_init; apply the template yourself and pass prompt_token_ids to "
+                             "generate(), or drop skip_tokenizer_init")
         prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            chat_template=chat_template) for c in convs]
         ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
@@ -74,6 +79,29 @@ class LLM:
         for o, p in zip(outs, prompts):
             o.prompt = p
         return outs
+
+    def stream_chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None
+                    ) -> Iterator[str]:
+        """Reply to one conversation, yielding the text as it is generated (each piece as soon as its step ends)."""
+        tok = self.get_tokenizer()
+        if tok is None:
+            raise ValueError("chat needs a tokenizer; drop skip_tokenizer_init")
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, None, sampling_params, prompt_token_ids=tok.encode(prompt, add_special_tokens=False))
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    if out.error:
+                        raise RuntimeError(out.error)
+                    if out.outputs and out.outputs[0].text_delta:
+                        yield out.outputs[0].text_delta
+                    if out.finished:
+                        return
+        finally:
+            self.engine.abort_request(rid)  # a no-op once finished; stops the request if the caller stops early
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

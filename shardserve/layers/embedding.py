@@ -1,4 +1,8 @@
-"""Vocab-parallel token embedding and LM head; the vocabulary is padded to a multiple of 64 × tp."""
+"""Vocab-parallel token embedding and LM head; the vocabulary is padded to a multiple of 64 × tp.
+
+Any tp works: every rank holds an equal padded shard (the all-gather of logits needs equal sizes), so when the
+vocabulary does not divide the last ranks hold fewer real rows (possibly none) and the rest is zero padding, cut off
+after the gather. The imbalance is at most 64 × tp - 1 rows in all."""
 from __future__ import annotations
 
 from typing import Any

@@ -2,9 +2,13 @@
 
     ReplicatedLinear            full weight on every rank
     ColumnParallelLinear        weight split on the output dim: y_r = x W_r^T   (no communication)
-    MergedColumnParallelLinear  several column-parallel matrices stacked (gate/up)
-    QKVParallelLinear           q, k, v stacked; KV heads replicated when tp > num_kv_heads
+    MergedColumnParallelLinear  several column-parallel matrices stacked (gate/up), each split on its own
+    QKVParallelLinear           q, k, v stacked; heads split by KV group, KV heads replicated when tp > num_kv_heads
     RowParallelLinear           weight split on the input dim: y = all_reduce(x_r W_r^T) + b
+
+Sizes need not divide by tp: a rank's slice comes from layers/tp_split.py (balanced, larger shares first; heads by
+KV group), so ranks may hold slices of different sizes. Every loader narrows the checkpoint tensor to
+[start, start + size) of its rank before reading.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardserve.layers.lazy_tensor import LazyTensor
+from shardserve.layers.tp_split import head_partition, shard_range
 
 
 def _tp_info(tp: Any) -> tuple[int, int]:
@@ -22,12 +27,6 @@ def _tp_info(tp: Any) -> tuple[int, int]:
     if tp is None:
         return 1, 0
     return tp.world_size, tp.rank_in_group
-
-
-def _divide(n: int, d: int, what: str) -> int:
-    if n % d:
-        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({d})")
-    return n // d
 
 
 def _copy(dst: torch.Tensor, src: LazyTensor) -> None:
@@ -67,51 +66,61 @@ class ReplicatedLinear(LinearBase):
 
 
 class ColumnParallelLinear(LinearBase):
-    """Output features split across ranks; the output stays sharded (gather_output=False)."""
+    """Output features split across ranks (rank r: rows shard_range(out_features, tp, r)); the output stays sharded
+    (gather_output=False)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, tp: Any = None) -> None:
-        tp_size, _ = _tp_info(tp)
-        super().__init__(in_features, _divide(out_features, tp_size, "output features"), bias, dtype, tp)
+        tp_size, tp_rank = _tp_info(tp)
+        local_out = self._partition(out_features, tp_size, tp_rank)
+        super().__init__(in_features, local_out, bias, dtype, tp)
+
+    def _partition(self, out_features: int, tp_size: int, tp_rank: int) -> int:
+        """Record this rank's slice of the output features; return its size."""
+        self.out_start, self.out_size = shard_range(out_features, tp_size, tp_rank)
+        return self.out_size
 
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, *args: Any) -> None:
-        _copy(param.data, loaded.chunk(self.tp_size, 0, self.tp_rank))
+        _copy(param.data, loaded.narrow(0, self.out_start, self.out_size))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several matrices with the same input stacked on the output dim (e.g. gate_proj and up_proj)."""
+    """Several matrices with the same input stacked on the output dim (e.g. gate_proj and up_proj); each is split
+    over the ranks on its own, and this rank's slices are stacked in the same order."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
                  dtype: torch.dtype = torch.float32, tp: Any = None) -> None:
-        self.output_sizes = output_sizes
+        self.output_sizes = list(output_sizes)
         super().__init__(in_features, sum(output_sizes), bias, dtype, tp)
 
+    def _partition(self, out_features: int, tp_size: int, tp_rank: int) -> int:
+        self.shards = [shard_range(n, tp_size, tp_rank) for n in self.output_sizes]  # (start, size) per matrix
+        self.local_offsets = [sum(size for _, size in self.shards[:i]) for i in range(len(self.shards))]
+        return sum(size for _, size in self.shards)
+
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: int) -> None:
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        size = self.output_sizes[shard_id] // self.tp_size
-        _copy(param.data.narrow(0, offset, size), loaded.chunk(self.tp_size, 0, self.tp_rank))
+        start, size = self.shards[shard_id]
+        _copy(param.data.narrow(0, self.local_offsets[shard_id], size), loaded.narrow(0, start, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matrix: [q heads | k heads | v heads] of this rank.
 
-    When tp > num_kv_heads each KV head is replicated on tp / num_kv_heads ranks.
+    The heads are split by KV group (`tp_split.head_partition`): a rank holds whole KV heads with all of their query
+    heads when tp <= num_kv_heads, else one KV head (replicated on the ranks that share its query heads) and part of
+    its query heads. Ranks may hold different numbers of heads.
     """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, tp: Any = None) -> None:
         tp_size, tp_rank = _tp_info(tp)
         self.head_dim = head_dim
-        self.num_heads = _divide(num_heads, tp_size, "num_attention_heads")
-        if tp_size >= num_kv_heads:
-            _divide(tp_size, num_kv_heads, "tensor-parallel size must be a multiple of num_key_value_heads; it")
-            self.num_kv_heads = 1
-            self.kv_rank = tp_rank // (tp_size // num_kv_heads)
-        else:
-            self.num_kv_heads = _divide(num_kv_heads, tp_size, "num_key_value_heads")
-            self.kv_rank = tp_rank
-        out_total = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
-        super().__init__(hidden_size, out_total, bias, dtype, tp)
+        self.partition = head_partition(num_heads, num_kv_heads, tp_size, tp_rank)
+        self.num_heads, self.num_kv_heads = self.partition.q_count, self.partition.kv_count
+        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, dtype, tp)
+
+    def _partition(self, out_features: int, tp_size: int, tp_rank: int) -> int:
+        return self.q_size + 2 * self.kv_size
 
     @property
     def q_size(self) -> int:
@@ -121,29 +130,42 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def q_range(self) -> tuple[int, int]:
+        """(start, size) of this rank's query features in the full q (and o_proj input) dimension."""
+        return self.partition.q_start * self.head_dim, self.q_size
+
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: str) -> None:
         if shard_id == "q":
-            offset, size, rank = 0, self.q_size, self.tp_rank
+            offset, (start, size) = 0, self.q_range
         else:
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
-            size, rank = self.kv_size, self.kv_rank
-        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+            start, size = self.partition.kv_start * self.head_dim, self.kv_size
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, start, size))
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial products are all-reduced, then the bias is added once."""
+    """Input features split across ranks; partial products are all-reduced, then the bias is added once.
+
+    Rank r holds input features shard_range(in_features, tp, r), or `input_shard` = (start, size) when the
+    caller's column-parallel layer split them otherwise (o_proj follows the query heads' partition)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, tp: Any = None, reduce_results: bool = True) -> None:
-        tp_size, _ = _tp_info(tp)
-        super().__init__(_divide(in_features, tp_size, "input features"), out_features, bias, dtype, tp)
+                 dtype: torch.dtype = torch.float32, tp: Any = None, reduce_results: bool = True,
+                 input_shard: tuple[int, int] | None = None) -> None:
+        tp_size, tp_rank = _tp_info(tp)
+        self.in_start, self.in_size = input_shard if input_shard is not None else \
+            shard_range(in_features, tp_size, tp_rank)
+        if self.in_start < 0 or self.in_start + self.in_size > in_features:
+            raise ValueError(f"input shard {input_shard} is outside {in_features} input features")
+        super().__init__(self.in_size, out_features, bias, dtype, tp)
         self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, *args: Any) -> None:
         if param.dim() == 1:  # bias: replicated
             _copy(param.data, loaded)
         else:
-            _copy(param.data, loaded.chunk(self.tp_size, 1, self.tp_rank))
+            _copy(param.data, loaded.narrow(1, self.in_start, self.in_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = self.tp.overlap_chunks_for(x.shape[0]) if self.tp_size > 1 and self.reduce_results else 1

@@ -26,8 +26,9 @@ class LlamaAttention(nn.Module):
         kv_heads = cfg.get("num_key_value_heads") or heads
         self.head_dim = cfg.get("head_dim") or hidden // heads
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, kv_heads, bias=bias, dtype=dtype, tp=shard.tp)
+        # this rank's heads (tp_split.head_partition: by KV group, possibly uneven); o_proj reads the same q slice
         self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=o_bias,
-                                        dtype=dtype, tp=shard.tp)
+                                        dtype=dtype, tp=shard.tp, input_shard=self.qkv_proj.q_range)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.rotary_emb = RotaryEmbedding(self.head_dim, cfg.get("max_position_embeddings", 2048),
                                           rope_parameters(cfg))

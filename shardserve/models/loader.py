@@ -1,4 +1,5 @@
-"""Builds a model for one rank and fills it from safetensors, reading only that rank's slice of each tensor."""
+"""Builds a model for one rank and fills it from safetensors (or a GGUF file, models/gguf_loader.py), reading only
+that rank's slice of each tensor."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from shardserve.config import ModelConfig
 from shardserve.layers.attention import AttentionBackend
 from shardserve.layers.lazy_tensor import LazyTensor, ReadCounter
 from shardserve.models.base import ModelShard
+from shardserve.models.gguf_loader import is_gguf, iter_gguf_weights
 from shardserve.models.registry import get_model_class
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -63,5 +65,9 @@ def load_model(model_config: ModelConfig, shard: ModelShard, backend: AttentionB
     with torch.device(device):
         model = cls(model_config.hf_config, shard, backend, model_config.dtype)
     counter = ReadCounter()
-    model.load_weights(iter_weights(model_config.model, model.wants, counter, progress))
+    if is_gguf(model_config.model):
+        weights = iter_gguf_weights(model_config.model, model_config.hf_config, model.wants, counter, progress)
+    else:
+        weights = iter_weights(model_config.model, model.wants, counter, progress)
+    model.load_weights(weights)
     return model.eval(), counter

@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass, field
 
 from shardserve.planner.hardware import Cluster
-from shardserve.planner.memory import DTYPE_BYTES, ModelSpec, StageWeights, kv_bytes_per_token, stage_layers, \
-    stage_weights
+from shardserve.planner.memory import DTYPE_BYTES, ModelSpec, StageWeights, heads_per_device, kv_bytes_per_token, \
+    stage_layers, stage_weights
 
 MEMORY_BW_EFFICIENCY = 0.70
 COMPUTE_EFFICIENCY = 0.60
@@ -139,7 +139,7 @@ class LayoutCost:
         n_layers, n_moe = len(layers), self.moe_counts[stage]
         kv_tok = kv_bytes_per_token(spec, DTYPE_BYTES[self.kv_dtype], self.tp, n_layers)
         flops = 2 * tokens * w.dense_params + 2 * logits_rows * w.head_params
-        flops += 4 * attended * (spec.num_heads // self.tp) * spec.head_dim * n_layers
+        flops += 4 * attended * heads_per_device(spec, self.tp) * spec.head_dim * n_layers  # the most loaded rank
         bytes_read = w.dense + w.final_norm + (w.head if logits_rows else 0.0)
         bytes_read += tokens * spec.hidden_size * 2 if w.embedding else 0.0  # embedding rows
         bytes_read += (kv_read_tokens + tokens) * kv_tok  # read the cache, write the new entries

@@ -2,10 +2,11 @@
 
 Counts are exact for the supported architectures (every matrix, bias, norm, embedding and head; MoE
 routers, experts and shared experts) and equal `transformers`' own parameter count. Sharding follows
-the shardserve layers: column/row-parallel matrices split over tp, K/V projections replicated when
-tp > num_kv_heads, vocab-parallel embedding and head, experts split over max(tp, ep), norms and
-routers replicated; with pp each stage holds its layers, the first the embedding, the last the head
-(a tied embedding is held by both when pp > 1).
+the shardserve layers (layers/tp_split.py): attention heads split by KV group, K/V projections
+replicated when tp > num_kv_heads, MLP columns split over tp, all possibly unevenly, and a rank is
+sized by the largest shard (it sets the pace and the memory); vocab-parallel embedding and head,
+experts split over max(tp, ep), norms and routers replicated; with pp each stage holds its layers,
+the first the embedding, the last the head (a tied embedding is held by both when pp > 1).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardserve.layers.tp_split import max_heads_per_rank, max_shard
 from shardserve.planner.hardware import GiB, PlannerError
 from shardserve.planner.model_presets import canonical_model_name, get_model_preset, model_preset_names
 
@@ -125,9 +127,12 @@ def load_model_config(source: str) -> tuple[dict, str]:
 
 
 # --- parameter inventory -----------------------------------------------------------------------
-# Each tensor is (numel, shard, quantized). shard says how it splits over a stage's ranks:
-#   "tp": column/row-parallel slice, numel / tp      "kv": K/V slice, replicated when tp > kv heads
-#   "rep": replicated on every rank                   "expert": numel / max(tp, ep)
+# Each tensor is (numel, shard, quantized). shard says how it splits over a stage's ranks, sized for the rank
+# holding the largest shard when the split is uneven:
+#   "q": query heads (q/o projections), by KV group   "kv": K/V slice, replicated when tp > kv heads
+#   "mlp": dense MLP columns, ceil(inter / tp)        "shared": shared-expert columns, ceil(size / tp)
+#   "tp": numel / tp                                  "rep": replicated on every rank
+#   "expert": numel / max(tp, ep)
 # quantized: stored at the weight dtype (decoder-layer matrices); others stay 16-bit.
 Tensor = tuple[int, str, bool]
 
@@ -136,9 +141,9 @@ def layer_tensors(spec: ModelSpec, layer: int) -> list[Tensor]:
     """Every parameter of decoder layer `layer`."""
     h, d = spec.hidden_size, spec.head_dim
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
-    out: list[Tensor] = [(h * q, "tp", True), (2 * h * kv, "kv", True), (q * h, "tp", True), (2 * h, "rep", False)]
+    out: list[Tensor] = [(h * q, "q", True), (2 * h * kv, "kv", True), (q * h, "q", True), (2 * h, "rep", False)]
     if spec.qkv_bias:
-        out += [(q, "tp", False), (2 * kv, "kv", False)]
+        out += [(q, "q", False), (2 * kv, "kv", False)]
     if spec.o_bias:
         out.append((h, "rep", False))
     if spec.qk_norm:
@@ -147,12 +152,12 @@ def layer_tensors(spec: ModelSpec, layer: int) -> list[Tensor]:
         out.append((spec.num_experts * h, "rep", False))  # router
         out.append((spec.num_experts * 3 * h * spec.moe_intermediate_size, "expert", True))
         if spec.shared_expert_intermediate_size:
-            out.append((3 * h * spec.shared_expert_intermediate_size, "tp", True))
+            out.append((3 * h * spec.shared_expert_intermediate_size, "shared", True))
             out.append((h, "rep", False))  # shared_expert_gate
     else:
-        out.append((3 * h * spec.intermediate_size, "tp", True))
+        out.append((3 * h * spec.intermediate_size, "mlp", True))
         if spec.mlp_bias:
-            out += [(2 * spec.intermediate_size, "tp", False), (h, "rep", False)]
+            out += [(2 * spec.intermediate_size, "mlp", False), (h, "rep", False)]
     return out
 
 
@@ -173,16 +178,38 @@ def active_params(spec: ModelSpec) -> int:
 def _local(numel: int, shard: str, spec: ModelSpec, tp: int, ep: int) -> float:
     if shard == "tp":
         return numel / tp
+    if shard == "q":
+        return numel / spec.num_heads * heads_per_device(spec, tp)
     if shard == "kv":
         return numel / spec.num_kv_heads * kv_heads_per_device(spec, tp)
+    if shard == "mlp":
+        return numel / spec.intermediate_size * max_shard(spec.intermediate_size, tp)
+    if shard == "shared":
+        size = spec.shared_expert_intermediate_size
+        return numel / size * max_shard(size, tp)
     if shard == "expert":
         return numel / max(tp, ep)
     return numel
 
 
+def _max_heads(spec: ModelSpec, tp: int) -> tuple[int, int]:
+    """(query heads, KV heads) of the most loaded rank (tp_split: by KV group, possibly uneven). A layout the engine
+    refuses (tp > heads) is sized as if every rank held at least one of each."""
+    try:
+        return max_heads_per_rank(spec.num_heads, spec.num_kv_heads, tp)
+    except ValueError:
+        return max(1, math.ceil(spec.num_heads / tp)), max(1, math.ceil(spec.num_kv_heads / tp))
+
+
+def heads_per_device(spec: ModelSpec, tp: int) -> int:
+    """Query heads of the most loaded rank: num_heads / tp when it divides by KV group, else more (9 heads over
+    3 KV heads at tp 2: 6 on one rank, 3 on the other)."""
+    return _max_heads(spec, tp)[0]
+
+
 def kv_heads_per_device(spec: ModelSpec, tp: int) -> int:
-    """KV heads held per rank: num_kv_heads / tp, or 1 (replicated) when tp > num_kv_heads."""
-    return max(1, math.ceil(spec.num_kv_heads / tp))
+    """KV heads of the most loaded rank: ceil(num_kv_heads / tp), or 1 (replicated) when tp > num_kv_heads."""
+    return _max_heads(spec, tp)[1]
 
 
 def stage_layers(num_layers: int, pp: int) -> list[range]:
@@ -252,12 +279,13 @@ def activation_bytes(spec: ModelSpec, tp: int, act_bytes: int, last: bool,
     the last stage adds fp32 logits for up to MAX_NUM_SEQS sampled rows.
     """
     t = chunk_tokens
-    qkv = (spec.num_heads // tp + 2 * kv_heads_per_device(spec, tp)) * spec.head_dim
+    qkv = (heads_per_device(spec, tp) + 2 * kv_heads_per_device(spec, tp)) * spec.head_dim
+    dense_mlp = 3 * max_shard(spec.intermediate_size, tp)
     if spec.is_moe:
         mlp = 3 * (spec.experts_per_token * spec.moe_intermediate_size + spec.shared_expert_intermediate_size) / tp
-        mlp = max(mlp, 3 * spec.intermediate_size / tp if len(spec.moe_layers) < spec.num_layers else 0)
+        mlp = max(mlp, dense_mlp if len(spec.moe_layers) < spec.num_layers else 0)
     else:
-        mlp = 3 * spec.intermediate_size / tp
+        mlp = dense_mlp
     per_token = (4 * spec.hidden_size + qkv + mlp) * act_bytes
     logits = min(t, MAX_NUM_SEQS) * math.ceil(spec.vocab_size / tp) * 4 if last else 0
     return t * per_token + logits

@@ -120,10 +120,10 @@ def enumerate_shapes(spec: ModelSpec, cluster: Cluster) -> tuple[list[Shape], li
         reason = None
         if tp > gpn or gpn % tp:
             reason = f"tp={tp} would span nodes ({gpn} GPUs per node)"
-        elif spec.num_heads % tp:
-            reason = f"{spec.num_heads} attention heads are not divisible by tp={tp}"
-        elif spec.num_kv_heads % tp and tp % spec.num_kv_heads:
-            reason = f"{spec.num_kv_heads} KV heads neither divide nor are divisible by tp={tp}"
+        elif tp > spec.num_heads:  # heads that do not divide are split unevenly (layers/tp_split.py)
+            reason = f"tp={tp} exceeds the {spec.num_heads} attention heads (every rank needs one)"
+        elif tp > spec.intermediate_size:
+            reason = f"tp={tp} exceeds the MLP's {spec.intermediate_size} columns (every rank needs one)"
         for pp in _divisors(n // tp):
             dp = n // (tp * pp)
             if reason:

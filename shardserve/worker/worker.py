@@ -12,6 +12,7 @@ from shardserve.config import EngineConfig
 from shardserve.distributed.parallel_state import collective_stats
 from shardserve.layers.attention import build_attention_backend
 from shardserve.layers.moe import FusedMoE, collect_expert_counts, reset_expert_counts
+from shardserve.layers.tp_split import head_partition
 from shardserve.models.base import ModelShard
 from shardserve.models.loader import load_model
 from shardserve.step import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
@@ -71,7 +72,8 @@ class Worker:
     # --- KV cache ----------------------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
         m = self.cfg.model
-        per_token = m.kv_bytes_per_token(self.pstate.tp.world_size, self.shard.num_local_layers)
+        per_token = m.kv_bytes_per_token(self.pstate.tp.world_size, self.shard.num_local_layers,
+                                         self.pstate.tp.rank_in_group)  # this rank's KV heads (may be uneven)
         return per_token * self.cfg.cache.block_size
 
     def determine_num_blocks(self) -> int:
@@ -114,7 +116,8 @@ class Worker:
 
     def _allocate(self, num_blocks: int) -> KVCache:
         m = self.cfg.model
-        kv_heads = max(1, m.num_kv_heads // self.pstate.tp.world_size)
+        kv_heads = head_partition(m.num_heads, m.num_kv_heads, self.pstate.tp.world_size,
+                                  self.pstate.tp.rank_in_group).kv_count  # this rank's share (tp_split)
         return KVCache(self.shard.num_local_layers, num_blocks, self.cfg.cache.block_size, kv_heads, m.head_dim,
                        m.dtype, self.device, self.backend.kv_cache_shape)
 

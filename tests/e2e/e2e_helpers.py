@@ -21,12 +21,13 @@ START_TIMEOUT_S = 120.0
 class ServerProcess:
     """`python -m shardserve.entrypoints.cli serve ...` in a subprocess, its output in a log file."""
 
-    def __init__(self, model: Path, extra: list[str], log_path: Path) -> None:
+    def __init__(self, model: Path | None, extra: list[str], log_path: Path) -> None:
+        """model None: the built-in model (no --model flag)."""
         self.port = get_free_port("127.0.0.1")
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "shardserve.entrypoints.cli", "--log-level", "WARNING", "serve",
-               "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+               *(["--model", str(model)] if model is not None else []), "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", MODEL_NAME, "--stats-interval", "0", *ENGINE_FLAGS, *extra]
         self._log = open(log_path, "wb")
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")

@@ -30,7 +30,7 @@ def test_make_tiny_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["generate", "--prompt", "x", "--max-model-len", "999999"], "--max-model-len 999999 exceeds"),
-    (["generate", "--prompt", "x", "-tp", "3"], "--tensor-parallel-size 3"),
+    (["generate", "--prompt", "x", "-tp", "9"], "--tensor-parallel-size 9"),  # 8 heads: at most 8 ranks
     (["generate", "--prompt", "x", "--kv-cache-memory", "lots"], "cannot parse size 'lots'"),
     (["generate", "--prompt", "x", "--device", "tpu"], "--device 'tpu' is not supported"),
     (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
@@ -47,9 +47,9 @@ def test_help_teaches(capsys):
         main(["generate", "--help"])
     out = capsys.readouterr().out
     for flag in ("--tensor-parallel-size", "--pipeline-parallel-size", "--kv-cache-memory", "--max-num-seqs",
-                 "RANDOM weights", "--enable-prefix-caching"):
+                 "SmolLM2-135M-Instruct", "GGUF", "--enable-prefix-caching"):
         assert flag in out
     with pytest.raises(SystemExit):
         main(["--help"])
     top = capsys.readouterr().out
-    assert "generate" in top and "bench" in top and "plan" in top
+    assert "generate" in top and "chat" in top and "bench" in top and "plan" in top

@@ -15,14 +15,20 @@ def spec_of(name: str) -> ModelSpec:
     return ModelSpec.from_config(get_model_preset(name), name)
 
 
-def test_heads_not_divisible_by_tp_are_excluded() -> None:
+def test_tp_beyond_the_heads_is_excluded() -> None:
+    # heads that do not divide by tp are split unevenly by KV group (28 heads / 4 KV heads at tp 8: 4 + 3 per pair)
     ok, excluded = enumerate_shapes(spec_of("Qwen2-7B"), parse_gpus("8xH100"))  # 28 heads, 4 KV heads
     assert sorted(ok) == [
         (1, 1, 8, 1), (1, 2, 4, 1), (1, 4, 2, 1), (1, 8, 1, 1),
         (2, 1, 4, 1), (2, 2, 2, 1), (2, 4, 1, 1),
         (4, 1, 2, 1), (4, 2, 1, 1),
+        (8, 1, 1, 1),
     ]
-    assert excluded == [((8, 1, 1, 1), "28 attention heads are not divisible by tp=8")]
+    assert excluded == []
+    few = ModelSpec.from_config({**get_model_preset("Qwen2-7B"), "num_attention_heads": 4, "num_key_value_heads": 2})
+    ok4, excluded4 = enumerate_shapes(few, parse_gpus("8xH100"))
+    assert max(tp for tp, _, _, _ in ok4) == 4
+    assert excluded4 == [((8, 1, 1, 1), "tp=8 exceeds the 4 attention heads (every rank needs one)")]
 
 
 def test_tp_never_spans_nodes() -> None:
@@ -115,7 +121,7 @@ def test_infeasible_request_names_the_smallest_cluster() -> None:
     assert plan.recommended is None
     assert plan.smallest_cluster is not None and plan.smallest_cluster.num_gpus == 4
     assert "smallest cluster that fits is 4xA100-40GB" in plan.message
-    # and 3 really do not fit (64 heads rule out tp=3; pp=3 stages are too big)
+    # and 3 really do not fit (140 GB of weights in 3 x 40 GB, whatever the layout)
     assert not any(lay.fits for lay in search(spec, parse_gpus("3xA100-40GB"), Request())[0])
 
 

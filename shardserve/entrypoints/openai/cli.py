@@ -7,7 +7,7 @@ import os
 from dataclasses import replace
 
 EXAMPLES = """examples:
-  shardserve serve                                   # built-in tiny model (random weights) on 127.0.0.1:8000
+  shardserve serve                                   # built-in SmolLM2-135M-Instruct on 127.0.0.1:8000
   shardserve serve --model DIR -tp 2 --port 8080 --api-key secret
   shardserve serve --model DIR -dp 2 --max-waiting-requests 64 --stats-interval 5
 then:  curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "Hi", "max_tokens": 8}'
@@ -53,22 +53,25 @@ def run_serve(args: argparse.Namespace) -> int:
     from shardserve.entrypoints.openai.serving import ServerState
     from shardserve.entrypoints.router import Router
     from shardserve.metrics import ServerMetrics
-    from shardserve.models.tiny import TINY_MODEL_NAME
+    from shardserve.models.builtin import BUILTIN_SERVED_NAME
 
     if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
         raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
     eargs = EngineArgs.from_cli(args)
     model = eargs.resolve_model(progress=True)
     if args.plan == "auto":
-        import json
-        from pathlib import Path
+        from shardserve.config import ModelConfig
         from shardserve.planner.local import apply_auto_plan
-        for line in apply_auto_plan(eargs, json.loads((Path(model) / "config.json").read_text())):
+        hf_config = ModelConfig.from_path(model, eargs.dtype, eargs.max_model_len, eargs.tokenizer).hf_config
+        for line in apply_auto_plan(eargs, hf_config):  # config.json, or a GGUF file's metadata
             print(line)
     # validate the layout and resolve max_model_len here, before any process starts (ConfigError → exit 2)
     cfg = replace(eargs, model=model, data_parallel_size=1).create_config(progress=False)
+    if eargs.skip_tokenizer_init:
+        raise ValueError("--skip-tokenizer-init: the server tokenizes prompts and renders chat templates, so it needs "
+                         "a tokenizer; pass one with --tokenizer DIR (token-id-only use: the offline LLM API)")
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    names = args.served_model_name or [eargs.model or TINY_MODEL_NAME]
+    names = args.served_model_name or [eargs.model or BUILTIN_SERVED_NAME]
     metrics = ServerMetrics(names[0])
     if args.engine_threads is not None and args.engine_threads < 1:
         raise ValueError(f"--engine-threads must be >= 1, got {args.engine_threads}")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardserve.layers.attention.base import AttentionBackend, AttentionMetadata
 from shardserve.layers.attention.layer import Attention
+from shardserve.layers.tp_split import head_partition
 
 if TYPE_CHECKING:  # types only: config.py imports the executor package at runtime
     from shardserve.config import ModelConfig
@@ -23,14 +24,19 @@ def build_attention_backend(model: "ModelConfig", device: str,
     """The attention backend of one rank: `model` (its head layout and dtype), `device` ("cpu", "cuda", "cuda:N")
     and `pstate` (the rank's ParallelState, or anything with `.tp.world_size`; None = a single rank).
 
-    Checks that the rank-local layout is one the kernels serve (query heads per rank a multiple of KV heads per
-    rank, KV heads replicated when tp > num_kv_heads), then picks the backend (see the module docstring)."""
+    Checks that the rank-local layout is one the kernels serve (this rank's query heads, from
+    `tp_split.head_partition`, a multiple of its KV heads; ranks may hold different numbers of heads), then picks the
+    backend (see the module docstring)."""
     tp_size = pstate.tp.world_size if pstate is not None else 1
+    tp_rank = getattr(pstate.tp, "rank_in_group", 0) if pstate is not None else 0
     heads, kv_heads = model.num_heads, model.num_kv_heads
-    local_heads, local_kv = heads // tp_size, max(1, kv_heads // tp_size)
-    if heads % tp_size == 0 and local_heads % local_kv:  # (an uneven head split is QKVParallelLinear's error)
-        raise ValueError(f"{local_heads} query heads per rank do not group over {local_kv} KV heads per rank "
-                         f"(num_attention_heads {heads}, num_key_value_heads {kv_heads}, tp {tp_size})")
+    if heads % kv_heads:
+        raise ValueError(f"query heads per rank must group over the KV heads per rank, but num_attention_heads "
+                         f"({heads}) is not a multiple of num_key_value_heads ({kv_heads}) (tp {tp_size})")
+    part = head_partition(heads, kv_heads, tp_size, tp_rank)  # ValueError, saying why, when tp > heads
+    if part.q_count % part.kv_count:  # cannot happen with a split by KV group; the kernels depend on it
+        raise ValueError(f"{part.q_count} query heads on tp rank {tp_rank} do not group over {part.kv_count} KV "
+                         f"heads per rank (num_attention_heads {heads}, num_key_value_heads {kv_heads}, tp {tp_size})")
     return _choose(device)
 
 
