@@ -157,6 +157,14 @@ def moe_vocab(name: str) -> int:
     return MOE_ARCHS[name][1].get("vocab_size", BASE["vocab_size"])
 
 
+def assert_parity(greedy, seeded, ref_tokens, ref_logits, ref_seeded) -> None:
+    """Greedy tokens as transformers, first-step top-20 logprobs within 1e-4, seeded samples as tp = 1."""
+    assert [o.outputs[0].token_ids for o in greedy] == ref_tokens
+    for o, logits in zip(greedy, ref_logits):
+        assert_top_logprobs_close(o.outputs[0].logprobs[0], logits)
+    assert seeded == ref_seeded
+
+
 def engine_llm(path, **kw):
     """An LLM on CPU in fp32 with a small KV cache: the settings every parity test uses."""
     from shardserve import LLM

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from checkpoints import ARCHS, References, assert_top_logprobs_close, engine_llm
+from checkpoints import ARCHS, References, assert_parity, engine_llm
 from shardserve import LLM, SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiproc")]
@@ -33,14 +33,6 @@ def run_layout(path, prompts, **kw):
         return greedy, [o.outputs[0].token_ids for o in seeded], llm.engine.get_stats()
     finally:
         llm.shutdown()
-
-
-def assert_parity(greedy, seeded, ref_tokens, ref_logits, ref_seeded) -> None:
-    """Greedy tokens as transformers, first-step top-20 logprobs within 1e-4, seeded samples as tp = 1."""
-    assert [o.outputs[0].token_ids for o in greedy] == ref_tokens
-    for o, logits in zip(greedy, ref_logits):
-        assert_top_logprobs_close(o.outputs[0].logprobs[0], logits)
-    assert seeded == ref_seeded
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from checkpoints import ARCHS, BASE, References, assert_top_logprobs_close, engine_llm
+from checkpoints import ARCHS, BASE, References, assert_parity, engine_llm
 from shardserve import SamplingParams
 from shardserve.layers.tp_split import head_partition
 
@@ -42,13 +42,6 @@ def run(path, prompts, **kw):
         return greedy, [o.outputs[0].token_ids for o in seeded], block_bytes
     finally:
         llm.shutdown()
-
-
-def assert_parity(greedy, seeded, ref_tokens, ref_logits, ref_seeded) -> None:
-    assert [o.outputs[0].token_ids for o in greedy] == ref_tokens
-    for o, logits in zip(greedy, ref_logits):
-        assert_top_logprobs_close(o.outputs[0].logprobs[0], logits)
-    assert seeded == ref_seeded
 
 
 def kv_heads_per_rank(arch: str, block_bytes: list[int], layers_per_rank: list[int], block_size: int = 16) -> list[int]:
