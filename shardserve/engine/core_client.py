@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0
-HEARTBEAT_TIMEOUT_S = 60.0   # a core silent this long while it holds requests is taken for hung and killed
+HEARTBEAT_TIMEOUT_S = 10.0   # a core whose heartbeat thread is silent this long is taken for stalled and killed
+DEAD_EXIT_GRACE_S = 10.0     # a core that reported `dead` gets this long to stop its ranks and free its segments
 
 
 def tokens_match(expected: str, got: Any) -> bool:
@@ -59,7 +60,7 @@ class EngineCoreClient:
         self._acc = OutputAccumulator()
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task] = []
-        self._last_msg = time.monotonic()
+        self._last_msg = time.monotonic()   # when the core was last heard from (heartbeats included)
 
     # --- life cycle ----------------------------------------------------------------------------------------
     @property
@@ -67,9 +68,19 @@ class EngineCoreClient:
         return self.proc.pid if self.proc else None
 
     @property
+    def silent_s(self) -> float:
+        """Seconds since the core was last heard from; its heartbeat thread speaks every 0.5 s, steps or not."""
+        return time.monotonic() - self._last_msg
+
+    @property
+    def stalled(self) -> bool:
+        return self.state == "ready" and self.silent_s > self.heartbeat_timeout_s
+
+    @property
     def healthy(self) -> bool:
-        """Ready, and its process still runs (a core killed a moment ago is not chosen before its channel says so)."""
-        return self.state == "ready" and (self.proc is None or self.proc.poll() is None)
+        """Ready, its process still runs and its heartbeat is fresh (a core killed or stopped a moment ago is not
+        chosen before the watchdog says so)."""
+        return self.state == "ready" and (self.proc is None or self.proc.poll() is None) and not self.stalled
 
     async def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Launch the core and wait until its engine is ready (raises EngineUnavailable with the core's reason)."""
@@ -177,7 +188,9 @@ class EngineCoreClient:
             except subprocess.TimeoutExpired:
                 pass
 
-    def _died(self, reason: str) -> None:
+    def _died(self, reason: str, exit_grace_s: float = 0.0) -> None:
+        """Fail every request at once; then kill the process (after `exit_grace_s`, for a core that is exiting by
+        itself and should clean up first), and report the exit (the router restarts the replica)."""
         if self.state != "ready":
             return
         self.state = "dead"
@@ -188,11 +201,25 @@ class EngineCoreClient:
         for t in self._tasks:
             if t is not asyncio.current_task():
                 t.cancel()
+        if self.metrics is not None:
+            self.metrics.on_replica_down(self.replica)
+        if exit_grace_s > 0 and self.proc is not None and self.proc.poll() is None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._reap(exit_grace_s)))
+            return
+        self._reaped()
+
+    async def _reap(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        try:
+            while self.proc is not None and self.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            self._reaped()
+
+    def _reaped(self) -> None:
         self._kill()
         if self._writer is not None:
             self._writer.close()
-        if self.metrics is not None:
-            self.metrics.on_replica_down(self.replica)
         if self.on_exit is not None:
             self.on_exit(self)
 
@@ -316,8 +343,10 @@ class EngineCoreClient:
             self.stats = {k: v for k, v in msg.items() if k != "t"}
             if self.metrics is not None:
                 self.metrics.on_core_stats(self.replica, self.stats)
-        elif kind == "dead":
-            self._died(f"engine failure: {msg.get('reason')}")
+        elif kind == "hb":
+            pass  # liveness only: _read_loop already noted the time
+        elif kind == "dead":  # it exits by itself once its ranks are stopped and its segments freed
+            self._died(f"engine failure: {msg.get('reason')}", exit_grace_s=DEAD_EXIT_GRACE_S)
 
     def _on_output(self, d: OutputDelta, now: float) -> None:
         req = self._reqs.get(d.request_id)
@@ -352,12 +381,20 @@ class EngineCoreClient:
         req.queue.put_nowait(out)
 
     async def _watchdog(self) -> None:
-        """Fail a core that died without closing the socket (never seen) or went silent while holding requests."""
+        """Fail a core that died without closing the socket (never seen) or whose heartbeat stopped: its heartbeat
+        thread speaks every 0.5 s whatever the engine does, so silence means a stopped or frozen process, never a
+        long step."""
+        tick = time.monotonic()
         while self.state == "ready":
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.25)
             code = self.proc.poll() if self.proc else None
             if code is not None:
                 return self._died(f"engine core process exited with code {code}")
-            silent = time.monotonic() - self._last_msg
+            now = time.monotonic()
+            lagged, tick = now - tick > 1.25, now
+            if lagged:  # this event loop was blocked: let the reader take what the core sent meanwhile first
+                continue
+            silent = self.silent_s
             if silent > self.heartbeat_timeout_s:
-                return self._died(f"engine core sent nothing for {silent:.0f} s (hung); killed it")
+                return self._died(f"engine core sent no heartbeat for {silent:.0f} s (stopped or frozen; "
+                                  f"--engine-heartbeat-timeout {self.heartbeat_timeout_s:g}); killed it")

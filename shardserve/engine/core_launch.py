@@ -48,6 +48,7 @@ def launch_core(engine_args: dict[str, Any], replica: int, port: int, token: str
     spec = {"engine_args": engine_args, "replica": replica, "port": port, "token": token, "threads": threads,
             "log_level": log_level or logging.getLevelName(logging.getLogger().getEffectiveLevel())}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env.pop("SHARDSERVE_API_KEY", None)  # the HTTP key is the API process's alone
     from shardserve.config import resolve_device
     device = resolve_device(str(engine_args.get("device") or "auto"))
     world = int(engine_args.get("tensor_parallel_size") or 1) * int(engine_args.get("pipeline_parallel_size") or 1)

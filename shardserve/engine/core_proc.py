@@ -13,6 +13,11 @@ Messages (maps, key "t" = type), `codec.encode`d and framed by msgpack itself (`
     client → core   add {id, prompt_token_ids, params: SamplingParams}   abort {ids}   shutdown
     core → client   hello {token, pid}   ready {num_blocks, max_model_len}   failed {error}
                     ack {id, error|None}   outs {outs: [OutputDelta]}   stats {...get_stats()}   dead {reason}
+                    hb  (every HEARTBEAT_INTERVAL_S, from a thread: liveness apart from steps)
+
+Liveness. A daemon thread sends `hb` every 0.5 s from the hello on, whatever the engine loop does, so a long step
+is never taken for a hang while a stopped (SIGSTOP) or frozen process goes silent: the client's watchdog takes a core
+silent for --engine-heartbeat-timeout seconds for stalled and kills it. The socket's writes share one lock.
 
 Outputs travel as deltas (`output_wire.OutputDelta`); the client's `OutputAccumulator` rebuilds full RequestOutputs.
 """
@@ -25,6 +30,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -42,6 +48,7 @@ IDLE_WAIT_S = 1.0        # an idle core wakes this often (and sends a stats hear
 STATS_INTERVAL_S = 0.5   # a busy core sends stats at most this often (and after every abort)
 RECV_BYTES = 1 << 20
 EXIT_DEAD = 3            # exit code of a core whose engine lost a rank
+HEARTBEAT_INTERVAL_S = 0.5  # the heartbeat thread's period
 
 
 # --- the core process ------------------------------------------------------------------------------------------
@@ -51,9 +58,12 @@ class _Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = codec.StreamDecoder()
+        self._send_lock = threading.Lock()  # the engine loop and the heartbeat thread both write
 
     def send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(codec.encode(msg))
+        data = codec.encode(msg)
+        with self._send_lock:
+            self.sock.sendall(data)
 
     def poll(self, timeout: float) -> list[dict] | None:
         """Messages that arrived within `timeout` (possibly none); None once the parent hung up."""
@@ -102,6 +112,9 @@ def serve(engine: LLMEngine, chan: _Channel) -> int:
                     err = f"engine failure: {e}"
                 except (ValueError, TypeError) as e:
                     err = str(e)
+                except Exception as e:  # noqa: BLE001 - one bad add is refused; the core keeps serving
+                    logger.exception("add %s failed", msg.get("id"))
+                    err = f"{type(e).__name__}: {e}"
                 chan.send({"t": "ack", "id": msg["id"], "error": err})
             elif kind == "abort":
                 for rid in msg["ids"]:
@@ -110,7 +123,10 @@ def serve(engine: LLMEngine, chan: _Channel) -> int:
             elif kind == "shutdown":
                 return 0
         if engine.has_unfinished_requests():
-            outs = engine.step()
+            try:
+                outs = engine.step()
+            except Exception as e:  # noqa: BLE001 - the step's requests fail; the core keeps serving
+                outs = engine.fail_step(e)
             if outs:
                 chan.send({"t": "outs", "outs": [encoder.encode(o) for o in outs]})
         if engine.dead:
@@ -123,6 +139,21 @@ def serve(engine: LLMEngine, chan: _Channel) -> int:
             last_stats = now
 
 
+def start_heartbeat(chan: _Channel, interval_s: float = HEARTBEAT_INTERVAL_S) -> threading.Thread:
+    """Send `hb` every `interval_s` from a daemon thread until the channel breaks (the process's life)."""
+    def beat() -> None:
+        msg = {"t": "hb"}
+        while True:
+            time.sleep(interval_s)
+            try:
+                chan.send(msg)
+            except OSError:  # the client hung up: the main loop sees it too
+                return
+    t = threading.Thread(target=beat, name="shardserve-core-heartbeat", daemon=True)
+    t.start()
+    return t
+
+
 def run_core(spec: dict[str, Any]) -> int:
     import torch
     torch.set_num_threads(max(1, int(spec.get("threads", 1))))
@@ -131,6 +162,7 @@ def run_core(spec: dict[str, Any]) -> int:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     chan = _Channel(sock)
     chan.send({"t": "hello", "token": spec["token"], "pid": os.getpid()})
+    start_heartbeat(chan)  # from the hello on: loading a big model is not a hang either
     from shardserve.engine.args import EngineArgs
     from shardserve.engine.llm_engine import LLMEngine
     try:

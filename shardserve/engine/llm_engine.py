@@ -220,15 +220,20 @@ class LLMEngine:
 
     # --- stepping ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule one batch, run it, and return an output for every request that advanced."""
+        """Schedule one batch, run it, and return an output for every request that advanced.
+
+        Failures are isolated: an ExecutorError (a rank died or raised) fails every request and marks the engine
+        dead (`restart_executor` brings it back); any other exception (a CUDA OOM in the in-process worker, a
+        kernel error, a bug while processing results) fails only the requests of the batches it hit, with an
+        error output naming it, and the engine keeps serving (`fail_step`)."""
         try:
             # keep up to max_in_flight batches (disjoint sequences) in the pipeline, so every stage works at once
             while len(self._in_flight) < self.executor.max_in_flight:
                 sched_out = self.scheduler.schedule(self.executor.max_in_flight)
                 if not sched_out.seqs:
                     break
+                self._in_flight.append(sched_out)  # before submit: a step that raises there fails this batch
                 self.executor.submit(sched_out)
-                self._in_flight.append(sched_out)
                 self.stats["max_in_flight_seen"] = max(self.stats["max_in_flight_seen"], len(self._in_flight))
             if not self._in_flight:
                 return []
@@ -236,19 +241,92 @@ class LLMEngine:
         except ExecutorError as e:
             self._in_flight.clear()
             return self.fail_all(str(e))
-        return self.process_result(self._in_flight.popleft(), result)
+        except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine goes on
+            return self.fail_step(e)
+        sched_out = self._in_flight.popleft()
+        try:
+            return self.process_result(sched_out, result)
+        except Exception as e:  # noqa: BLE001 - the ranks are fine: fail this batch's requests only
+            return self.fail_step(e, [sched_out])
+
+    def fail_step(self, exc: BaseException, batches: list[SchedulerOutput] | None = None) -> list[RequestOutput]:
+        """A step raised `exc` (not an ExecutorError): finish the requests of `batches` (default: every batch in
+        flight) with an error output naming it, free their blocks, and keep serving; the workers drop those
+        sequences' state with the next step (finished_seq_ids). When nothing was in flight (scheduling raised),
+        every request fails, so that no caller waits on a request that cannot advance. With ranks in other
+        processes a step that raised on this side leaves their state unknown: that is an engine failure
+        (`fail_all`; the offline LLM restarts its ranks, a core exits and is restarted)."""
+        reason = f"engine step failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        logger.error("%s", reason, exc_info=exc)
+        if batches is None:
+            batches = list(self._in_flight)
+            self._in_flight.clear()
+            if self.cfg.parallel.executor != "uni":
+                return self.fail_all(reason)
+        seq_ids = {item.seq_id for b in batches for item in b.seqs}
+        req_ids = {self.seqs[s].request_id for s in seq_ids if s in self.seqs}
+        if not batches:
+            req_ids = set(self.requests)
+        return self._fail_requests([r for r in self.requests if r in req_ids], reason)
+
+    def _fail_requests(self, request_ids: list[str], error: str) -> list[RequestOutput]:
+        """Finish these requests with an error output each (their blocks freed, their state gone)."""
+        outs = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                self.scheduler.finish(seq, "error")
+            out = self._make_output(req)
+            out.error = error
+            outs.append(out)
+        return outs
 
     def fail_all(self, reason: str) -> list[RequestOutput]:
         """A rank died: finish every request with an error (never leave a caller waiting)."""
         self.dead = reason
         logger.error("engine failed: %s", reason)
-        outs = []
-        for req in list(self.requests.values()):
-            for seq in req.seqs:
-                self.scheduler.finish(seq, "error")
-            out = self._make_output(req)
-            out.error = f"engine failure: {reason}"
-            outs.append(out)
+        return self._fail_requests(list(self.requests), f"engine failure: {reason}")
+
+    def restart_executor(self) -> list[RequestOutput]:
+        """Start the ranks afresh (after a rank failure, or whenever their state cannot be trusted): every request
+        still here fails with an error output (returned), the executor is shut down and a new one built, with a
+        fresh scheduler and block manager; `dead` is cleared. Raises (and stays dead) if the new ranks fail to
+        start."""
+        reason = self.dead or "the engine's ranks were restarted"
+        outs = self._fail_requests(list(self.requests), f"engine failure: {reason}")
+        self._in_flight.clear()
+        self.dead = reason  # until the new executor is up
+        old = self.executor
+        try:
+            old.shutdown()
+        except Exception as e:  # noqa: BLE001 - the old ranks are being replaced anyway
+            logger.warning("shutting down the failed executor: %s", e)
+        logger.warning("restarting the engine's ranks (%s)", reason)
+        self.executor = None  # type: ignore[assignment]  # an in-process worker's memory goes before the new one's
+        import gc
+        import torch
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        try:
+            new = make_executor(self.cfg, self.eos_token_ids, False)
+        except BaseException:
+            self.executor = old  # shut down already; the engine stays dead (a later restart may succeed)
+            raise
+        num_blocks = new.num_blocks
+        if num_blocks * self.cfg.cache.block_size < self.cfg.model.max_model_len:
+            new.shutdown()
+            self.executor = old
+            raise ConfigError(f"after a restart the KV cache holds {num_blocks * self.cfg.cache.block_size} tokens, "
+                              f"fewer than one sequence of --max-model-len {self.cfg.model.max_model_len}")
+        self.executor = new
+        self.scheduler = Scheduler(self.cfg.scheduler, self.cfg.cache, num_blocks)
+        self.requests.clear()
+        self.seqs.clear()
+        self.dead = None
+        logger.info("engine restarted: %d KV blocks of %d tokens", num_blocks, self.cfg.cache.block_size)
         return outs
 
     def process_result(self, sched_out: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:

@@ -59,6 +59,11 @@ def core_engine_args(args: EngineArgs, max_model_len: int, model: str) -> dict[s
     return d
 
 
+def _heartbeat_age(client: EngineCoreClient) -> float | None:
+    silent = getattr(client, "silent_s", None)  # (the router's tests drive stand-ins without one)
+    return round(silent, 1) if client.state == "ready" and silent is not None else None
+
+
 class Router:
     """The replicas (one EngineCoreClient each) behind the API server: routing, admission, restarts."""
 
@@ -148,7 +153,11 @@ class Router:
     def status(self) -> list[dict[str, Any]]:
         return [{"replica": r.replica, "state": r.state, "healthy": r.healthy, "pid": r.pid,
                  "restarts": self.restarts[r.replica], "in_flight": r.num_in_flight, "waiting": r.num_waiting,
-                 "outstanding_tokens": r.outstanding_tokens} for r in self.replicas]
+                 "outstanding_tokens": r.outstanding_tokens,
+                 # seconds since its last heartbeat (every 0.5 s, steps or not); unhealthy past the heartbeat timeout
+                 "heartbeat_age_s": _heartbeat_age(r),
+                 **({"error": r.dead_reason} if r.state == "dead" and getattr(r, "dead_reason", None) else {})}
+                for r in self.replicas]
 
     # --- requests ------------------------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -12,12 +12,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import shardserve
-from shardserve.entrypoints.openai import protocol
+from shardserve.entrypoints.openai.openapi import install_openapi
 from shardserve.entrypoints.openai.protocol import APIError, DetokenizeRequest, TokenizeRequest
-from shardserve.entrypoints.openai.serving import ClientGone, ServerState
-from shardserve.entrypoints.openai.serving_chat import create_chat_completion, render_chat
+from shardserve.entrypoints.openai.request_checks import parse_request
+from shardserve.entrypoints.openai.serving import OFFLOAD_CHARS, ClientGone, ServerState, internal_error
+from shardserve.entrypoints.openai.serving_chat import create_chat_completion, prepare_chat
 from shardserve.entrypoints.openai.serving_completion import create_completion
 from shardserve.metrics import CONTENT_TYPE_LATEST, StatsLogger
 
@@ -61,7 +63,8 @@ def build_app(state: ServerState, stats_interval: float = 10.0,
             await state.router.shutdown()
 
     app = FastAPI(title="shardserve", version=shardserve.__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+                  description="OpenAI-compatible API of shardserve (docs/serving.md)")
     app.state.shardserve = state
 
     @app.exception_handler(APIError)
@@ -78,13 +81,13 @@ def build_app(state: ServerState, stats_interval: float = 10.0,
         return _error_response(APIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(ClientGone)
-    async def client_gone(_: Request, exc: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_: Request, exc: Exception) -> Response:
         return Response(status_code=499)
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("internal error")
-        return _error_response(APIError(500, f"internal server error: {type(exc).__name__}"))
+    async def on_internal_error(_: Request, exc: Exception) -> JSONResponse:
+        return _error_response(internal_error(exc))
 
     def authorized(request: Request) -> None:
         state.check_api_key(request.headers.get("authorization"))
@@ -127,26 +130,34 @@ def build_app(state: ServerState, stats_interval: float = 10.0,
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request) -> dict[str, Any]:
-        req = protocol.parse_body(await request.body(), TokenizeRequest)
+        req = await parse_request(request, TokenizeRequest, state.limits, state.max_model_len)
         state.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
-            _, ids = render_chat(state, req.messages, req.add_generation_prompt)
+            _, ids = await prepare_chat(state, req, req.add_generation_prompt)
         else:
-            ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            state.check_text_length(len(req.prompt), "prompt")
+
+            def encode() -> list[int]:
+                return state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await asyncio.to_thread(encode) if len(req.prompt) > OFFLOAD_CHARS else encode()
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(request: Request) -> dict[str, Any]:
-        req = protocol.parse_body(await request.body(), DetokenizeRequest)
+        req = await parse_request(request, DetokenizeRequest, state.limits, state.max_model_len)
         state.check_model(req.model)
+        if len(req.tokens) > state.max_model_len:
+            raise APIError(400, f"tokens has {len(req.tokens)} ids, more than this model's context length of "
+                                f"{state.max_model_len}", param="tokens")
         vocab = len(state.tokenizer)
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"token id {bad[0]} is out of range [0, {vocab})", param="tokens")
         return {"prompt": state.tokenizer.decode(req.tokens)}
 
+    install_openapi(app)
     return app
 
 

@@ -16,6 +16,7 @@ then:  curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     from shardserve.engine.args import EngineArgs
+    from shardserve.engine.core_client import HEARTBEAT_TIMEOUT_S
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP API",
                        description="Serve a model over HTTP with the OpenAI API (/v1/completions, "
                                    "/v1/chat/completions, /v1/models), Prometheus /metrics and /health. With -dp N, "
@@ -33,8 +34,17 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="answer 429 while this many requests wait for their first token (default: no limit)")
     g.add_argument("--stats-interval", type=float, default=10.0,
                    help="seconds between stats log lines (throughput, queue, KV usage); 0 = off")
-    g.add_argument("--engine-heartbeat-timeout", type=float, default=60.0,
-                   help="seconds of silence after which a replica is taken for hung, killed and restarted")
+    g.add_argument("--engine-heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_S,
+                   help="seconds without a heartbeat (a thread of each core sends one every 0.5 s, however long its "
+                        "step) after which a replica is taken for stalled: unhealthy at once, killed and restarted")
+    g.add_argument("--max-request-body-bytes", default="16MiB",
+                   help="largest request body accepted, e.g. 16MiB or 1000000; larger ones get 413 before they are "
+                        "parsed (default 16MiB)")
+    g.add_argument("--max-prompts-per-request", type=int, default=256,
+                   help="most prompts one /v1/completions request may carry (default 256)")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="render chat templates sent in requests (chat_template_kwargs.chat_template); they run in a "
+                        "jinja2 sandbox with time and size limits, but a template is code: off by default (400)")
     g.add_argument("--plan", choices=["auto", "none"], default="none",
                    help="auto: pick tp/pp/dp/ep with the planner for the GPUs found (and order them so TP groups "
                         "are NVLink neighbours); none: use the layout flags as given")
@@ -44,6 +54,18 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run_serve)
     return p
+
+
+def resolve_api_key(flag: str | None, env: str | None) -> str | None:
+    """The API key from --api-key, else SHARDSERVE_API_KEY; an empty (or blank) one is refused, since taking it for
+    "no key" would silently turn authentication off."""
+    for name, value in (("--api-key", flag), ("SHARDSERVE_API_KEY", env)):
+        if value is not None:
+            if not value.strip():
+                raise ValueError(f"{name} is empty, which would turn authentication off; give a non-empty key, or "
+                                 f"leave {name} out to serve without one")
+            return value
+    return None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -57,6 +79,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
         raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
+    api_key = resolve_api_key(args.api_key, os.environ.get("SHARDSERVE_API_KEY"))
+    from shardserve.config import parse_size
+    from shardserve.entrypoints.openai.request_checks import RequestLimits
+    limits = RequestLimits(max_body_bytes=int(parse_size(args.max_request_body_bytes) or 0),
+                           max_prompts=args.max_prompts_per_request,
+                           trust_request_chat_template=args.trust_request_chat_template)
     eargs = EngineArgs.from_cli(args)
     model = eargs.resolve_model(progress=True)
     if args.plan == "auto":
@@ -78,7 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
     router = Router(eargs, model, cfg.model.max_model_len, metrics, args.max_waiting_requests,
                     args.engine_heartbeat_timeout, threads=args.engine_threads)
     state = ServerState(router, tokenizer, names, model, cfg.model.max_model_len, metrics,
-                        api_key=args.api_key or os.environ.get("SHARDSERVE_API_KEY") or None)
+                        api_key=api_key, limits=limits)
     logging.getLogger("shardserve.stats").setLevel(logging.INFO)
     log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     return run_server(state, args.host, args.port, args.stats_interval, str(log_level))

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shardserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -57,7 +57,7 @@ class _SamplingFields(_Request):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, fail_fast=True)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -132,6 +132,7 @@ class ChatMessage(_Request):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_call_id: str | None = None
 
     def as_template_dict(self) -> dict[str, Any]:
         content = self.content
@@ -150,7 +151,7 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(fail_fast=True)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -188,14 +189,14 @@ class ChatCompletionRequest(_SamplingFields):
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, fail_fast=True)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[int] = Field(fail_fast=True)
 
 
 # --- parsing ---------------------------------------------------------------------------------------------------
@@ -223,14 +224,35 @@ def validation_message(err: ValidationError) -> tuple[str, str | None]:
     return f"{field}: {msg}" if field else msg, field
 
 
-def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
-    """JSON bytes → `model`, or an APIError 400 that says what is wrong (bad JSON, missing or mistyped field)."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+def load_json(raw: bytes) -> dict[str, Any]:
+    """JSON bytes → a dict, or an APIError 400 (bad JSON, not an object)."""
     try:
-        data = json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float) if raw else None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    return data
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """JSON bytes → `model`, or an APIError 400 that says what is wrong (bad JSON, missing or mistyped field)."""
+    return validate_data(load_json(raw), model)
+
+
+def validate_data(data: dict[str, Any], model: type[BaseModel]) -> Any:
+    """A JSON object → `model`, or an APIError 400 naming the missing or mistyped field."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -257,4 +279,5 @@ def finish_reason(reason: str | None) -> str | None:
 
 
 __all__ = ["APIError", "CompletionRequest", "ChatCompletionRequest", "ChatMessage", "TokenizeRequest",
-           "DetokenizeRequest", "parse_body", "validation_message", "random_id", "usage", "finish_reason"]
+           "DetokenizeRequest", "parse_body", "load_json", "validate_data", "validation_message", "random_id",
+           "usage", "finish_reason"]

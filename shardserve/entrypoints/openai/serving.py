@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -14,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from shardserve.engine.request_stream import EngineUnavailable, RequestRejected, RequestStream
-from shardserve.entrypoints.openai.protocol import APIError
+from shardserve.entrypoints.openai.protocol import APIError, random_id
+from shardserve.entrypoints.openai.request_checks import RequestLimits
 from shardserve.entrypoints.router import QueueFull, Router
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
@@ -23,6 +25,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from shardserve.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+# text work above this many characters (tokenizing, chat templates) runs in a worker thread, not the event loop
+OFFLOAD_CHARS = 8192
 
 
 @dataclass
@@ -36,12 +42,36 @@ class ServerState:
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     loading_error: str | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
     _key_digest: bytes | None = None
     _token_text: dict[int, str] = field(default_factory=dict)
+    _max_token_chars: int | None = None
 
     def __post_init__(self) -> None:
         if self.api_key is not None:
+            if not self.api_key.strip():
+                raise ValueError("the API key is empty: pass a non-empty --api-key (or SHARDSERVE_API_KEY), or none "
+                                 "at all to serve without authentication")
             self._key_digest = hashlib.sha256(self.api_key.encode()).digest()
+
+    @property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry in characters (an upper bound on the characters one token can cover)."""
+        if self._max_token_chars is None:
+            try:
+                vocab = self.tokenizer.get_vocab()
+                self._max_token_chars = max((len(t) for t in vocab), default=64) or 64
+            except Exception:  # noqa: BLE001 - a tokenizer without get_vocab: a generous bound
+                self._max_token_chars = 256
+        return self._max_token_chars
+
+    def check_text_length(self, n_chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, a text that cannot fit the context whatever it encodes to (more characters
+        than max_model_len tokens of the longest vocabulary entry could cover, with 2x slack for normalizers)."""
+        bound = self.max_model_len * (2 * self.max_token_chars + 16)
+        if n_chars > bound:
+            raise APIError(400, f"{param} is {n_chars} characters, far more than this model's context length of "
+                                f"{self.max_model_len} tokens can hold", param=param, code="context_length_exceeded")
 
     def check_api_key(self, authorization: str | None) -> None:
         """Constant-time check of `Authorization: Bearer KEY` (both sides hashed, so lengths leak nothing)."""
@@ -81,7 +111,14 @@ def engine_error(e: Exception) -> APIError:
         return APIError(429, str(e), code="queue_full")
     if isinstance(e, EngineUnavailable):
         return APIError(503, str(e), code="engine_unavailable")
-    return APIError(500, f"internal error: {type(e).__name__}: {e}")
+    return internal_error(e)
+
+
+def internal_error(e: BaseException) -> APIError:
+    """A bug, not bad input: the traceback goes to the log under a request id, the client gets only the id."""
+    rid = random_id("err")
+    logger.error("internal error %s", rid, exc_info=(type(e), e, e.__traceback__))
+    return APIError(500, f"internal server error (id {rid}); the server log has the details", code="internal_error")
 
 
 async def open_streams(state: ServerState, base_id: str, prompts: list[list[int]], params: SamplingParams,
@@ -217,6 +254,9 @@ async def guard_stream(body: AsyncIterator[bytes], streams: list[RequestStream])
     except (EngineUnavailable, APIError) as e:
         err = e if isinstance(e, APIError) else engine_error(e)
         yield sse(err.body())
+        yield SSE_DONE
+    except Exception as e:  # noqa: BLE001 - a bug mid-stream: an error event with an id, never a dropped stream
+        yield sse(internal_error(e).body())
         yield SSE_DONE
     finally:
         aclose = getattr(body, "aclose", None)

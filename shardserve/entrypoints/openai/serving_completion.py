@@ -2,6 +2,7 @@
 objects, whole or as server-sent chunks."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
@@ -9,23 +10,36 @@ from starlette.responses import JSONResponse, Response
 
 from shardserve.entrypoints.openai.protocol import APIError, CompletionRequest, finish_reason, random_id, usage
 from shardserve.entrypoints.openai import protocol
-from shardserve.entrypoints.openai.serving import (SSE_DONE, ServerState, SSEResponse, collect, completion_logprobs,
-                                                   guard_stream, merged, open_streams, sse, unless_disconnected)
+from shardserve.entrypoints.openai.request_checks import parse_request
+from shardserve.entrypoints.openai.serving import (OFFLOAD_CHARS, SSE_DONE, ServerState, SSEResponse, collect,
+                                                   completion_logprobs, guard_stream, merged, open_streams, sse,
+                                                   unless_disconnected)
 from shardserve.outputs import RequestOutput
 
 
-def _tokenize(state: ServerState, req: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
-    ids, texts = [], []
-    for p in req.prompts():
+def _encode_all(state: ServerState, prompts: list[str | list[int]]) -> list[list[int]]:
+    return [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+
+async def _tokenize(state: ServerState, req: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
+    """Token ids and texts of the prompts; large texts are tokenized in a worker thread (the fast tokenizer lets
+    go of the GIL), so the event loop keeps answering."""
+    prompts = req.prompts()
+    if len(prompts) > state.limits.max_prompts:
+        raise APIError(400, f"prompt has {len(prompts)} prompts, more than the server's limit of "
+                            f"{state.limits.max_prompts} per request (--max-prompts-per-request)", param="prompt")
+    chars = 0
+    for p in prompts:
         if isinstance(p, str):
-            ids.append(state.tokenizer.encode(p))
-            texts.append(p)
-        else:
-            if not p:
-                raise APIError(400, "prompt must not contain an empty list of token ids", param="prompt")
-            ids.append(list(p))
-            texts.append(None)
-    return ids, texts
+            state.check_text_length(len(p), "prompt")
+            chars += len(p)
+        elif not p:
+            raise APIError(400, "prompt must not contain an empty list of token ids", param="prompt")
+    if chars > OFFLOAD_CHARS:
+        ids = await asyncio.to_thread(_encode_all, state, prompts)
+    else:
+        ids = _encode_all(state, prompts)
+    return ids, [p if isinstance(p, str) else None for p in prompts]
 
 
 def _echo_text(state: ServerState, text: str | None, ids: list[int]) -> str:
@@ -33,10 +47,10 @@ def _echo_text(state: ServerState, text: str | None, ids: list[int]) -> str:
 
 
 async def create_completion(state: ServerState, request: Request) -> Response:
-    req = protocol.parse_body(await request.body(), CompletionRequest)
+    req = await parse_request(request, CompletionRequest, state.limits, state.max_model_len)
     model = state.check_model(req.model)
     params = req.sampling_params()
-    prompts, texts = _tokenize(state, req)
+    prompts, texts = await _tokenize(state, req)
     base_id = random_id("cmpl")
     streams = await open_streams(state, base_id, prompts, params, texts)
     created = protocol.now_s()
