@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shardserve.distributed import codec
-from shardserve.engine.sequence import SeqStatus
 from shardserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

@@ -10,7 +10,6 @@ from shardserve.config import EngineConfig
 from shardserve.executor.base import Executor, ExecutorError
 from shardserve.step import ModelRunnerOutput, SchedulerOutput
 from shardserve.worker.bootstrap import RankSpec, bootstrap_worker
-from shardserve.worker.worker import Worker
 
 
 class UniprocExecutor(Executor):

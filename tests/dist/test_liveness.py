@@ -119,6 +119,14 @@ def _segments_of(pid: int) -> list[str]:
     return glob.glob(f"/dev/shm/ssmq_{pid}_*") + glob.glob(f"/dev/shm/sshb_{pid}_*")
 
 
+def _resume(pid: int) -> None:
+    """SIGCONT a process a test stopped, if it still exists (cleanup after a SIGSTOP)."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
 def _signal_later(pid: int, sig: int, delay: float) -> dict:
     sent: dict = {}
 
@@ -161,10 +169,7 @@ def test_long_step_lives_and_a_stopped_rank_fails_fast(checkpoint, rank_path):
             p.wait(timeout=5)
     finally:
         if stopped is not None:
-            try:
-                os.kill(stopped, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+            _resume(stopped)
         llm.shutdown()
     assert set(_segments_of(os.getpid())) <= segments
 
@@ -186,10 +191,7 @@ def test_a_write_larger_than_the_ring_gives_up_on_a_stopped_rank(checkpoint, ran
         assert time.monotonic() - start <= 3.5
         assert ex.requests.backlog  # it left while writing, not after
     finally:
-        try:
-            os.kill(stopped, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+        _resume(stopped)
         llm.shutdown()
 
 
@@ -277,8 +279,5 @@ def test_stopped_core_turns_unhealthy_and_fails_its_requests(tiny_model, tmp_pat
         assert srv.health().json()["replicas"][1]["pid"] not in (pids[1], None)
     finally:
         if stopped is not None:
-            try:
-                os.kill(stopped, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+            _resume(stopped)
         srv.stop()

@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from checkpoints import ARCHS, References, assert_parity, engine_llm
 from shardserve import LLM, SamplingParams
