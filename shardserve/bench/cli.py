@@ -12,6 +12,7 @@ BENCHES = {
     "serve": ("shardserve.bench.serve", "load a running server: request/token throughput, TTFT, TPOT, ITL"),
     "moe": ("shardserve.bench.moe", "MoE layer: TP experts vs expert parallelism (time, bytes moved)"),
     "kernels": ("shardserve.bench.kernels", "each Triton kernel of the GPU path vs the torch code it replaces"),
+    "soak": ("shardserve.bench.soak", "start a server, steady mixed load with disconnects, check for leaks"),
 }
 
 

@@ -14,8 +14,9 @@ What round-trips through `encode` / `decode`:
   `obj.to_dict()` if defined, else the dataclass's init fields (shallow: tensors inside stay tensors).
 - Other objects that define `to_dict()` are encoded as that dict and decode as a plain dict.
 
-A byte stream of concatenated `encode`d messages (a socket) is read with `StreamDecoder`: feed it bytes as they
-arrive, in pieces of any size, and iterate it for the messages completed so far; its buffer is bounded.
+A byte stream (a socket) carries length-prefixed frames (`encode_frame`) read with `FrameDecoder`: feed it bytes as
+they arrive, in pieces of any size, and iterate it for the messages completed so far. A frame that does not decode
+comes out as a `BadFrame` (with what could be read of it) and the stream goes on; a frame's size is bounded.
 
 Decoding builds only the types above: tensors of a fixed dtype list, and classes someone registered
 in the decoding process (the module that registers a class must be imported there). Anything else
@@ -33,7 +34,7 @@ from typing import Any, Callable, TypeVar
 
 import msgpack
 
-__all__ = ["encode", "decode", "register", "StreamDecoder", "EXT_TENSOR", "EXT_OBJECT", "EXT_DTYPE"]
+__all__ = ["encode", "decode", "register", "encode_frame", "FrameDecoder", "BadFrame", "EXT_TENSOR", "EXT_OBJECT", "EXT_DTYPE"]
 
 EXT_TENSOR = 1
 EXT_OBJECT = 2
@@ -219,27 +220,71 @@ def decode(data: bytes | bytearray | memoryview) -> Any:
     return _unpack(data)
 
 
-class StreamDecoder:
-    """`decode` over a byte stream: `feed()` bytes as they arrive (a message may be split anywhere, several may
-    come at once), then iterate for the messages completed so far. Same types and refusals as `decode`.
+_FRAME_LEN = struct.Struct("<I")
 
-    A decoding error (ValueError: unknown ext type, unregistered class, malformed input) leaves the stream at an
-    unknown position: the channel is corrupt and must be dropped. Buffering more than `max_buffer_size` bytes of
-    unfinished messages raises ValueError (a peer cannot make us hold unbounded memory).
-    """
 
-    def __init__(self, max_buffer_size: int = 1 << 30) -> None:
-        self._unpacker = msgpack.Unpacker(ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True,
-                                          max_buffer_size=max_buffer_size)
+def encode_frame(obj: Any) -> bytes:
+    """`encode(obj)` behind a 4-byte little-endian length: one frame of a byte stream (see FrameDecoder)."""
+    data = encode(obj)
+    if len(data) >= 1 << 32:
+        raise ValueError(f"a message of {len(data)} bytes does not fit in one frame")
+    return _FRAME_LEN.pack(len(data)) + data
+
+
+@dataclasses.dataclass
+class BadFrame:
+    """A frame that did not decode (unregistered class, a registered class refusing its fields, malformed bytes).
+
+    The stream itself is intact: the next frame decodes as usual. `head` is what could still be read of the frame
+    as plain msgpack with every extension left out (e.g. {"t": "add", "id": ...}), so the receiver can answer the
+    sender about that one message; None if even that failed."""
+    error: str
+    head: dict | None = None
+
+
+class FrameDecoder:
+    """Length-prefixed frames (`encode_frame`) over a byte stream: `feed()` bytes as they arrive (a frame may be
+    split anywhere, several may come at once), then iterate for the messages completed so far.
+
+    A frame that does not decode comes out as a BadFrame and costs nothing else: one bad message never breaks the
+    channel. A frame longer than `max_frame_bytes` raises ValueError (a peer cannot make us hold unbounded memory);
+    after that the channel must be dropped."""
+
+    def __init__(self, max_frame_bytes: int = 1 << 30) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._pos = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._unpacker.feed(data)
-        except msgpack.BufferFull:
-            raise ValueError("codec stream: a message exceeds the decoder's buffer bound") from None
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
 
-    def __iter__(self) -> "StreamDecoder":
+    def __iter__(self) -> "FrameDecoder":
         return self
 
     def __next__(self) -> Any:
-        return next(self._unpacker)
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < _FRAME_LEN.size:
+            raise StopIteration
+        (n,) = _FRAME_LEN.unpack_from(buf, pos)
+        if n > self.max_frame_bytes:
+            raise ValueError(f"codec stream: a frame of {n} bytes exceeds the bound of {self.max_frame_bytes}")
+        start = pos + _FRAME_LEN.size
+        if len(buf) - start < n:
+            raise StopIteration
+        self._pos = start + n
+        payload = bytes(memoryview(buf)[start:start + n])
+        try:
+            return _unpack(payload)
+        except Exception as e:  # noqa: BLE001 - any refusal of this one frame; the stream goes on
+            return BadFrame(f"{type(e).__name__}: {e}", _head(payload))
+
+
+def _head(payload: bytes) -> dict | None:
+    try:
+        head = msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=lambda code, data: None)
+    except Exception:  # noqa: BLE001
+        return None
+    return head if isinstance(head, dict) else None

@@ -33,7 +33,8 @@ reader blocked in `dequeue` with nothing left to read, or a writer blocked in `e
 `QueueClosed`. A blocked `enqueue` also calls its `check` every 50 ms, so a writer can give up on a reader that
 died or stalled (the executor's liveness test) instead of waiting forever for a chunk it will never free.
 
-Names: `ssmq_{creator pid}_{random}`; `reap_orphaned_segments` unlinks those whose creator is gone.
+Names: `ssmq_{creator pid}_{random}` (and `sshb_` heartbeat boards, `ssar_` all-reduce segments);
+`reap_orphaned_segments` unlinks those whose creator is gone.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ _CHECK_EVERY_S = 0.05  # a blocked enqueue calls its `check` this often
 
 _tracker_patch_lock = threading.Lock()
 
-_OWNED_RE = re.compile(r"^(ssmq|sshb)_(\d+)_[0-9a-f]+$")
+# prefixes of the segments named by `owned_segment_name`: rings, heartbeat boards, the CPU all-reduce
+OWNED_PREFIXES = ("ssmq", "sshb", "ssar")
+_OWNED_RE = re.compile(rf"^({'|'.join(OWNED_PREFIXES)})_(\d+)_[0-9a-f]+$")
 
 
 def owned_segment_name(prefix: str) -> str:
@@ -79,7 +82,8 @@ def owned_segment_name(prefix: str) -> str:
 
 
 def reap_orphaned_segments(shm_dir: str = "/dev/shm") -> list[str]:
-    """Unlink this user's ring and heartbeat segments (`ssmq_*`, `sshb_*`) whose creating process no longer runs.
+    """Unlink this user's pid-named segments (`OWNED_PREFIXES`: rings `ssmq_*`, heartbeat boards `sshb_*`, CPU
+    all-reduce `ssar_*`) whose creating process no longer runs.
 
     The creator unlinks its segments on every exit Python sees, and its resource tracker after a SIGKILL; this
     catches what is left when both were killed (e.g. a whole process group). Returns the names it removed."""

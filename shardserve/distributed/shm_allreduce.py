@@ -2,10 +2,12 @@
 
 A `ShmCommunicator` is made once per group, on first use, by every rank of the group at the same
 collective call (`ShmCommunicator.create`, coordinated over the group's gloo `cpu_group`): rank 0
-creates a randomly named segment and broadcasts its name, nonce and size; every rank attaches,
-checks the header and publishes its pid; the ranks agree (gloo MIN) that all of them attached, and
-rank 0 then *unlinks the name at once*. The mapping lives on in every rank, so nothing is ever left
-in /dev/shm, even after kill -9, and two engines on one host never share a segment. If any rank
+creates a randomly named segment (`ssar_{its pid}_{random}`) and broadcasts its name, nonce and size;
+every rank attaches, checks the header and publishes its pid; the ranks agree (gloo MIN) that all of
+them attached, and rank 0 then *unlinks the name at once*. The mapping lives on in every rank, so
+nothing is left in /dev/shm once set-up is done, even after kill -9, and two engines on one host never
+share a segment; a rank 0 killed during set-up leaves a name carrying its pid, which
+`message_queue.reap_orphaned_segments` removes. If any rank
 cannot attach (another host, no /dev/shm, not enough space), every rank gets None and the group
 keeps using gloo.
 
@@ -59,8 +61,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from shardserve.distributed.message_queue import _attach_untracked
-from shardserve.utils.network import unique_name
+from shardserve.distributed.message_queue import _attach_untracked, owned_segment_name
 
 __all__ = ["REDUCE_DTYPES", "SLOT_BYTES", "ShmCollectiveError", "ShmCollectiveTimeout", "ShmCommunicator",
            "close_all", "shm_applies"]
@@ -193,7 +194,7 @@ class ShmCommunicator:
                 st = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
                 if st is not None and st.f_bavail * st.f_frsize < 2 * total:  # margin: a full tmpfs is SIGBUS
                     raise OSError(f"/dev/shm has {st.f_bavail * st.f_frsize} bytes free; need 2 x {total}")
-                shm = shared_memory.SharedMemory(name=unique_name("ssar"), create=True, size=total)
+                shm = shared_memory.SharedMemory(name=owned_segment_name("ssar"), create=True, size=total)
                 q = shm.buf[:data].cast("Q")
                 nonce = secrets.randbits(62)
                 q[_W_VERSION], q[_W_WORLD], q[_W_SLOT], q[_W_NONCE] = _VERSION, world, slot_bytes, nonce

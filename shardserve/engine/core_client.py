@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from shardserve.distributed import codec
 from shardserve.engine.core_launch import launch_core
 from shardserve.engine.output_wire import OutputAccumulator, OutputDelta
-from shardserve.engine.request_stream import EngineUnavailable, RequestRejected, RequestState, RequestStream
+from shardserve.engine.request_stream import (EngineUnavailable, Progress, ReplicaLost, RequestRejected,
+                                              RequestState, RequestStream)
 from shardserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ class EngineCoreClient:
         self.stats: dict[str, float] = {}
         self.num_blocks = 0
         self._reqs: dict[str, RequestState] = {}
+        self._num_waiting = 0        # requests without their first token yet, kept as they change (O(1) reads)
+        self._outstanding = 0        # the sum of their outstanding_tokens, likewise
         self._acc = OutputAccumulator()
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task] = []
@@ -89,7 +92,7 @@ class EngineCoreClient:
         connected: asyncio.Future = asyncio.get_running_loop().create_future()
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            decoder = codec.StreamDecoder()
+            decoder = codec.FrameDecoder(max_frame_bytes=1 << 16)  # until the hello: a stranger gets little
             try:
                 while True:  # the first message must be a hello with our token
                     msgs = list(decoder)
@@ -102,6 +105,7 @@ class EngineCoreClient:
             except (Exception, asyncio.CancelledError):
                 writer.close()
                 return
+            decoder.max_frame_bytes = 1 << 30
             hello = msgs[0]
             if connected.done() or not isinstance(hello, dict) or hello.get("t") != "hello" \
                     or not tokens_match(token, hello.get("token")):
@@ -143,11 +147,14 @@ class EngineCoreClient:
                 why = f"exited with code {code}" if code is not None else f"did not {what} within {timeout:.0f} s"
                 raise EngineUnavailable(f"engine core {self.replica} {why} before it was ready")
 
-    async def _read_until_ready(self, reader: asyncio.StreamReader, decoder: codec.StreamDecoder,
+    async def _read_until_ready(self, reader: asyncio.StreamReader, decoder: codec.FrameDecoder,
                                 early: list[dict]) -> dict:
         pending = list(early)
         while True:
             for msg in pending:
+                if isinstance(msg, codec.BadFrame):
+                    raise EngineUnavailable(f"engine core {self.replica} sent a message that did not decode: "
+                                            f"{msg.error}")
                 if msg.get("t") == "ready":
                     return msg
                 if msg.get("t") == "failed":
@@ -168,7 +175,7 @@ class EngineCoreClient:
         self._fail_all(f"the server is shutting down; replica {self.replica} stopped")
         if was == "ready" and self._writer is not None:
             try:
-                self._writer.write(codec.encode({"t": "shutdown"}))
+                self._writer.write(codec.encode_frame({"t": "shutdown"}))
                 await asyncio.wait_for(self._writer.drain(), 1.0)
             except Exception:
                 pass
@@ -197,7 +204,7 @@ class EngineCoreClient:
         self.dead_reason = reason
         logger.error("replica %d (pid %s) died: %s", self.replica, self.pid, reason)
         self._fail_all(f"replica {self.replica} died while running this request ({reason}); "
-                       "the request was not completed, please retry it", count=True)
+                       "the request was not completed, please retry it", lost=True)
         for t in self._tasks:
             if t is not asyncio.current_task():
                 t.cancel()
@@ -223,19 +230,20 @@ class EngineCoreClient:
         if self.on_exit is not None:
             self.on_exit(self)
 
-    def _fail_all(self, message: str, count: bool = False) -> None:
-        now = time.monotonic()
+    def _fail_all(self, message: str, lost: bool = False) -> None:
+        """Fail every request held here: with ReplicaLost when the replica died (they may migrate: whoever gives
+        up on one counts it as failed), else with EngineUnavailable."""
+        error = ReplicaLost if lost else EngineUnavailable
         for rid, req in list(self._reqs.items()):
             if not req.finished:
                 req.finished = True
-                req.queue.put_nowait(EngineUnavailable(message))
-                if count and self.metrics is not None and req.acked.done() and not req.acked.cancelled():
-                    self.metrics.on_request_finished(self.replica, "error", now - req.arrival)
+                req.queue.put_nowait(error(message))
                 if not req.acked.done():
                     req.acked.set_exception(EngineUnavailable(message))
                     req.acked.exception()  # mark retrieved
             self._acc.drop(rid)
         self._reqs.clear()
+        self._num_waiting = self._outstanding = 0
 
     # --- load (for routing) --------------------------------------------------------------------------------
     @property
@@ -245,16 +253,33 @@ class EngineCoreClient:
     @property
     def num_waiting(self) -> int:
         """Requests here that have not produced their first token yet (queued or prefilling)."""
-        return sum(1 for r in self._reqs.values() if r.first_token_time is None)
+        return self._num_waiting
 
     @property
     def outstanding_tokens(self) -> int:
-        return sum(r.outstanding_tokens for r in self._reqs.values())
+        """Work left here in tokens (RequestState.outstanding_tokens summed, kept as requests change)."""
+        return self._outstanding
+
+    def _track(self, request_id: str, req: RequestState) -> None:
+        self._reqs[request_id] = req
+        self._num_waiting += req.first_token_time is None
+        self._outstanding += req.outstanding_tokens
+
+    def _untrack(self, request_id: str) -> RequestState | None:
+        req = self._reqs.pop(request_id, None)
+        if req is not None:
+            self._num_waiting -= req.first_token_time is None
+            self._outstanding -= req.outstanding_tokens
+        return req
 
     # --- requests ------------------------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          prompt: str | None = None, arrival: float | None = None) -> RequestStream:
-        """Send the request to the core and wait for its verdict: RequestRejected (client error) or a stream."""
+                          prompt: str | None = None, arrival: float | None = None,
+                          progress: Progress | None = None) -> RequestStream:
+        """Send the request to the core and wait for its verdict: RequestRejected (client error) or a stream.
+
+        `progress`: the request already ran elsewhere and got this far (migration); the core prefills its tokens
+        again and continues, and the stream's outputs carry on from it (cumulative text, ids and logprobs)."""
         if self.state != "ready" or self._writer is None:
             raise EngineUnavailable(f"replica {self.replica} is not serving ({self.state})")
         if request_id in self._reqs:
@@ -263,17 +288,19 @@ class EngineCoreClient:
         max_model_len = int(self.engine_args.get("max_model_len") or 0) or None
         max_tokens = params.max_tokens if params.max_tokens is not None else \
             max(1, (max_model_len or len(ids) + 1) - len(ids))
+        add: dict[str, Any] = {"t": "add", "id": request_id, "prompt_token_ids": ids, "params": params}
+        if progress is not None and progress.num_tokens:
+            add["resume"] = {"outputs": progress.token_ids,
+                             "logprobs": progress.logprobs if params.logprobs is not None else None}
         try:
-            # the core decodes params through SamplingParams.from_dict: one it would refuse (changed after it was
-            # validated) must be refused here, as a message that fails to decode breaks the whole channel
-            SamplingParams.from_dict(params.to_dict())
-            msg = codec.encode({"t": "add", "id": request_id, "prompt_token_ids": ids, "params": params})
+            msg = codec.encode_frame(add)
         except (OverflowError, TypeError, ValueError) as e:  # e.g. an id beyond 64 bits: never reaches the core
             raise RequestRejected(f"the request cannot be encoded: {e}") from None
         req = RequestState(asyncio.Queue(), len(ids), max_tokens, params.n, arrival or time.monotonic(),
-                           asyncio.get_running_loop().create_future())
-        self._reqs[request_id] = req
-        self._acc.add(request_id, prompt, ids, params.n, params.logprobs is not None)
+                           asyncio.get_running_loop().create_future(),
+                           generated=progress.num_tokens if progress is not None else 0)
+        self._track(request_id, req)
+        self._acc.add(request_id, prompt, ids, params.n, params.logprobs is not None, progress)
         self._writer.write(msg)
         stream = RequestStream(request_id, self, req)
         try:
@@ -286,7 +313,7 @@ class EngineCoreClient:
         return stream
 
     def abort(self, request_id: str) -> None:
-        req = self._reqs.pop(request_id, None)
+        req = self._untrack(request_id)
         self._acc.drop(request_id)
         if req is None:
             return
@@ -295,10 +322,10 @@ class EngineCoreClient:
         if self.metrics is not None and accepted:
             self.metrics.on_request_finished(self.replica, "abort", time.monotonic() - req.arrival)
         if self.state == "ready" and self._writer is not None:
-            self._writer.write(codec.encode({"t": "abort", "ids": [request_id]}))
+            self._writer.write(codec.encode_frame({"t": "abort", "ids": [request_id]}))
 
     # --- the background loop -------------------------------------------------------------------------------
-    async def _read_loop(self, reader: asyncio.StreamReader, decoder: codec.StreamDecoder) -> None:
+    async def _read_loop(self, reader: asyncio.StreamReader, decoder: codec.FrameDecoder) -> None:
         try:
             while True:
                 data = await reader.read(1 << 20)
@@ -321,7 +348,11 @@ class EngineCoreClient:
             logger.exception("replica %d: channel error", self.replica)
             self._died(f"channel error: {e}")
 
-    def _handle(self, msg: dict) -> None:
+    def _handle(self, msg: dict | codec.BadFrame) -> None:
+        if isinstance(msg, codec.BadFrame):  # a core bug; the channel itself is fine
+            logger.error("replica %d sent a message that did not decode (%s): %s", self.replica,
+                         (msg.head or {}).get("t", "unknown type"), msg.error)
+            return
         kind = msg.get("t")
         if kind == "outs":
             now = time.monotonic()
@@ -331,7 +362,7 @@ class EngineCoreClient:
             req = self._reqs.get(msg["id"])
             if req is not None and not req.acked.done():
                 if msg.get("error"):
-                    self._reqs.pop(msg["id"], None)
+                    self._untrack(msg["id"])
                     self._acc.drop(msg["id"])
                     req.finished = True
                     err = msg["error"]
@@ -355,6 +386,7 @@ class EngineCoreClient:
             return
         new = sum(len(c.token_ids_delta) for c in out.outputs)
         if new:
+            self._untrack(d.request_id)  # re-tracked below with its new load
             req.generated += new
             if self.metrics is not None:
                 if req.first_token_time is None:
@@ -365,16 +397,17 @@ class EngineCoreClient:
             if req.first_token_time is None:
                 req.first_token_time = now
             req.last_token_time = now
+            self._track(d.request_id, req)
         if out.error:
             req.finished = True
-            self._reqs.pop(d.request_id, None)
+            self._untrack(d.request_id)
             req.queue.put_nowait(EngineUnavailable(f"replica {self.replica}: {out.error}"))
             if self.metrics is not None:
                 self.metrics.on_request_finished(self.replica, "error", now - req.arrival)
             return
         if out.finished:
             req.finished = True
-            self._reqs.pop(d.request_id, None)
+            self._untrack(d.request_id)
             if self.metrics is not None:
                 reason = out.outputs[0].finish_reason if out.outputs else "stop"
                 self.metrics.on_request_finished(self.replica, reason or "stop", now - req.arrival)

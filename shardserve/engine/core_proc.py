@@ -8,9 +8,10 @@ threads. The core connects back and says hello with the token (the client compar
 strangers), builds its LLMEngine (whose executor starts the TP×PP worker processes as *its* children), then reports
 ready.
 
-Messages (maps, key "t" = type), `codec.encode`d and framed by msgpack itself (`codec.StreamDecoder`):
+Messages (maps, key "t" = type), each in one length-prefixed frame (`codec.encode_frame` / `codec.FrameDecoder`):
 
-    client → core   add {id, prompt_token_ids, params: SamplingParams}   abort {ids}   shutdown
+    client → core   add {id, prompt_token_ids, params: SamplingParams, resume?: {outputs, logprobs}}
+                    abort {ids}   shutdown
     core → client   hello {token, pid}   ready {num_blocks, max_model_len}   failed {error}
                     ack {id, error|None}   outs {outs: [OutputDelta]}   stats {...get_stats()}   dead {reason}
                     hb  (every HEARTBEAT_INTERVAL_S, from a thread: liveness apart from steps)
@@ -18,6 +19,10 @@ Messages (maps, key "t" = type), `codec.encode`d and framed by msgpack itself (`
 Liveness. A daemon thread sends `hb` every 0.5 s from the hello on, whatever the engine loop does, so a long step
 is never taken for a hang while a stopped (SIGSTOP) or frozen process goes silent: the client's watchdog takes a core
 silent for --engine-heartbeat-timeout seconds for stalled and kills it. The socket's writes share one lock.
+
+A frame that does not decode (say, params a SamplingParams refuses) costs only that message: an add is answered
+with an error ack (its id is read from the frame's plain part), anything else is logged. An add with `resume`
+continues a request another replica started (migration: `request_transfer.resume_request`).
 
 Outputs travel as deltas (`output_wire.OutputDelta`); the client's `OutputAccumulator` rebuilds full RequestOutputs.
 """
@@ -53,19 +58,19 @@ HEARTBEAT_INTERVAL_S = 0.5  # the heartbeat thread's period
 
 # --- the core process ------------------------------------------------------------------------------------------
 class _Channel:
-    """Blocking socket + codec framing (the core's side)."""
+    """Blocking socket + codec frames (the core's side)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.decoder = codec.StreamDecoder()
+        self.decoder = codec.FrameDecoder()
         self._send_lock = threading.Lock()  # the engine loop and the heartbeat thread both write
 
     def send(self, msg: dict[str, Any]) -> None:
-        data = codec.encode(msg)
+        data = codec.encode_frame(msg)
         with self._send_lock:
             self.sock.sendall(data)
 
-    def poll(self, timeout: float) -> list[dict] | None:
+    def poll(self, timeout: float) -> list[dict | codec.BadFrame] | None:
         """Messages that arrived within `timeout` (possibly none); None once the parent hung up."""
         readable, _, _ = select.select([self.sock], [], [], timeout)
         if not readable:
@@ -100,14 +105,14 @@ def serve(engine: LLMEngine, chan: _Channel) -> int:
             return 0  # the parent went away
         force_stats = False
         for msg in msgs:
+            if isinstance(msg, codec.BadFrame):
+                _refuse(chan, msg)
+                continue
             kind = msg.get("t")
             if kind == "add":
                 err = None
                 try:
-                    params = msg["params"]
-                    if not isinstance(params, SamplingParams):
-                        raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-                    engine.add_request(msg["id"], None, params, prompt_token_ids=msg["prompt_token_ids"])
+                    _add(engine, msg)
                 except EngineDeadError as e:
                     err = f"engine failure: {e}"
                 except (ValueError, TypeError) as e:
@@ -137,6 +142,28 @@ def serve(engine: LLMEngine, chan: _Channel) -> int:
                 or (busy and not engine.has_unfinished_requests()):
             chan.send({"t": "stats", **_stats(engine)})
             last_stats = now
+
+
+def _add(engine: LLMEngine, msg: dict) -> None:
+    params = msg["params"]
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+    resume = msg.get("resume")
+    if resume:
+        from shardserve.engine.request_transfer import resume_request
+        resume_request(engine, msg["id"], msg["prompt_token_ids"], params, resume["outputs"], resume.get("logprobs"))
+    else:
+        engine.add_request(msg["id"], None, params, prompt_token_ids=msg["prompt_token_ids"])
+
+
+def _refuse(chan: _Channel, bad: codec.BadFrame) -> None:
+    """A frame that did not decode: an add is refused by id (the client's request fails, nothing else); anything
+    else can only be logged."""
+    head = bad.head or {}
+    if head.get("t") == "add" and isinstance(head.get("id"), str):
+        chan.send({"t": "ack", "id": head["id"], "error": f"the request could not be decoded: {bad.error}"})
+    else:
+        logger.error("dropped a message that did not decode (%s): %s", head.get("t", "unknown type"), bad.error)
 
 
 def start_heartbeat(chan: _Channel, interval_s: float = HEARTBEAT_INTERVAL_S) -> threading.Thread:

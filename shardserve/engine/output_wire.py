@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from shardserve.distributed import codec
 from shardserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+if TYPE_CHECKING:
+    from shardserve.engine.request_stream import Progress
 
 __all__ = ["CompletionDelta", "OutputDelta", "OutputEncoder", "OutputAccumulator"]
 
@@ -82,9 +87,15 @@ class OutputAccumulator:
         self._reqs: dict[str, _Acc] = {}
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], n: int,
-            want_logprobs: bool) -> None:
-        self._reqs[request_id] = _Acc(prompt, list(prompt_token_ids), n, want_logprobs, [""] * n,
-                                      [[] for _ in range(n)], [[] for _ in range(n)])
+            want_logprobs: bool, progress: Progress | None = None) -> None:
+        """Start accumulating a request; `progress`: what an earlier replica already reported (migration)."""
+        if progress is None:
+            self._reqs[request_id] = _Acc(prompt, list(prompt_token_ids), n, want_logprobs, [""] * n,
+                                          [[] for _ in range(n)], [[] for _ in range(n)])
+        else:
+            self._reqs[request_id] = _Acc(prompt, list(prompt_token_ids), n, want_logprobs, list(progress.texts),
+                                          [list(t) for t in progress.token_ids], [list(lp) for lp in progress.logprobs],
+                                          progress.prompt_logprobs)
 
     def drop(self, request_id: str) -> None:
         self._reqs.pop(request_id, None)

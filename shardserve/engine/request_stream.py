@@ -1,7 +1,8 @@
 """One request on the client side of an engine core: its output stream, its state, the errors it can raise.
 
 RequestStream yields outputs in order (a backlog merged into one) and aborts the request in the core when closed
-early; RequestState is what EngineCoreClient tracks of it; EngineUnavailable / RequestRejected are the errors.
+early; RequestState is what EngineCoreClient tracks of it; Progress is what a client already has of a request that
+moves to another replica; EngineUnavailable / ReplicaLost / RequestRejected are the errors.
 """
 from __future__ import annotations
 
@@ -14,11 +15,39 @@ from shardserve.outputs import RequestOutput
 if TYPE_CHECKING:
     from shardserve.engine.core_client import EngineCoreClient
 
-__all__ = ["EngineUnavailable", "RequestRejected", "RequestState", "RequestStream"]
+__all__ = ["EngineUnavailable", "ReplicaLost", "RequestRejected", "RequestState", "RequestStream", "Progress"]
 
 
 class EngineUnavailable(RuntimeError):
     """The replica is not serving (starting, dead or stopped); the request was not (or no longer) run there."""
+
+
+class ReplicaLost(EngineUnavailable):
+    """The replica died (or stalled and was killed) while it held the request: the request may migrate."""
+
+
+@dataclass
+class Progress:
+    """What the client already has of a request (per sample: text, token ids, logprobs; the prompt logprobs), so
+    that another replica continues it (the tokens are prefilled there again) and only what is new is reported."""
+    texts: list[str]
+    token_ids: list[list[int]]
+    logprobs: list[list[dict]]
+    prompt_logprobs: list | None = None
+
+    @classmethod
+    def of(cls, out: RequestOutput | None, n: int) -> "Progress":
+        if out is None:
+            return cls([""] * n, [[] for _ in range(n)], [[] for _ in range(n)])
+        by_index = {c.index: c for c in out.outputs}
+        return cls([by_index[i].text if i in by_index else "" for i in range(n)],
+                   [list(by_index[i].token_ids) if i in by_index else [] for i in range(n)],
+                   [list(by_index[i].logprobs or []) if i in by_index else [] for i in range(n)],
+                   out.prompt_logprobs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
 
 
 class RequestRejected(ValueError):

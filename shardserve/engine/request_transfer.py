@@ -1,7 +1,9 @@
-"""Moving a running request between engines: `export_request` takes its tokens so far, the KV blocks of every rank
-and each sample's sampling-generator state; `import_request` makes another engine (of the same model and layout,
-with its own executor and process group) continue it exactly where it stopped. This is the core of disaggregated
-prefill/decode and of request migration. A snapshot is codec-registered, so it crosses processes as msgpack."""
+"""Moving a running request between engines: `export_request` takes its tokens so far and the KV blocks of every
+rank; `import_request` makes another engine (of the same model and layout, with its own executor and process group)
+continue it exactly where it stopped. Seeded samples need no generator state: their draws are counter-based
+(`layers.sampler.step_seed`). This is the core of disaggregated prefill/decode; `resume_request` is the same without
+KV (the tokens so far are prefilled again), which is how a request migrates off a replica that died. A snapshot is
+codec-registered, so it crosses processes as msgpack."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,7 +26,6 @@ class SeqSnapshot:
     output_token_ids: list[int]
     num_computed_tokens: int                 # tokens whose KV is in kv_blocks (a prefix of prompt + output)
     kv_blocks: list[torch.Tensor]            # per rank: [layers, 2, kv_heads, blocks, block_size, head_dim]
-    generator_state: torch.Tensor | None = None  # torch.Generator state of a seeded sample (None: unseeded)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -50,22 +51,21 @@ def export_request(engine: LLMEngine, request_id: str) -> RequestSnapshot:
     if any(s.in_flight for s in req.seqs):
         raise ValueError(f"request {request_id!r} is in a step now; export it between steps")
     ex, bs = engine.executor, engine.cfg.cache.block_size
-    states = ex.collective_rpc("sampler_states", [s.seq_id for s in req.seqs], ranks=[ex.driver_rank])[0]
     seqs = []
     for seq in req.seqs:
         n_blocks = -(-seq.num_computed_tokens // bs)
         table = engine.scheduler.block_manager.block_table(seq.seq_id)[:n_blocks] if n_blocks else []
         seqs.append(SeqSnapshot(seq.index, list(seq.output_token_ids), seq.num_computed_tokens,
-                                ex.read_kv_blocks(table) if table else [], states.get(seq.seq_id),
-                                list(seq.logprobs), seq.finish_reason, seq.stop_reason))
+                                ex.read_kv_blocks(table) if table else [], list(seq.logprobs),
+                                seq.finish_reason, seq.stop_reason))
     params = req.seqs[0].params.clone()
     return RequestSnapshot(request_id, req.prompt, list(req.prompt_token_ids), params, bs, seqs)
 
 
 def import_request(engine: LLMEngine, snap: RequestSnapshot, request_id: str | None = None) -> None:
     """Continue a snapshot here: its KV blocks written into blocks of this engine, its samples resumed as running
-    sequences (their next step is the decode of their last token), seeded samples drawing where they stopped. Text
-    already reported by the exporting engine is not reported again."""
+    sequences (their next step is the decode of their last token; a sample without KV is prefilled again, prompt and
+    output). Text already reported by the exporting engine is not reported again."""
     rid = snap.request_id if request_id is None else request_id
     ex = engine.executor
     if snap.block_size != engine.cfg.cache.block_size:
@@ -77,13 +77,8 @@ def import_request(engine: LLMEngine, snap: RequestSnapshot, request_id: str | N
     engine.add_request(rid, snap.prompt, snap.params, prompt_token_ids=snap.prompt_token_ids)
     req = engine.requests[rid]
     try:
-        resume: dict[int, torch.Tensor] = {}
         for seq, s in zip(req.seqs, snap.seqs):
             _restore(engine, req, seq, s)
-            if s.generator_state is not None:
-                resume[seq.seq_id] = s.generator_state
-        if resume:
-            ex.collective_rpc("set_sampler_states", resume)
     except BaseException:
         engine.abort_request(rid)
         raise
@@ -110,3 +105,17 @@ def _restore(engine: LLMEngine, req: _Request, seq: Sequence, s: SeqSnapshot) ->
     seq.num_computed_tokens = s.num_computed_tokens
     bm.cache_full_blocks(seq.seq_id, seq.token_ids, s.num_computed_tokens)
     sched.resume(seq)
+
+
+def resume_request(engine: LLMEngine, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                   output_token_ids: list[list[int]], logprobs: list[list[dict]] | None = None) -> None:
+    """Continue a request whose engine is gone: sample i has already produced `output_token_ids[i]` (reported to
+    the client with `logprobs[i]`). Its prompt and those tokens are prefilled here (as after a preemption by
+    recompute), penalties and stop strings see them as output, and only what comes next is reported."""
+    if len(output_token_ids) != params.n:
+        raise ValueError(f"resume needs the tokens of all {params.n} samples, got {len(output_token_ids)}")
+    lps = logprobs if logprobs is not None else [[] for _ in output_token_ids]
+    seqs = [SeqSnapshot(i, [int(t) for t in ids], 0, [], list(lp) if lp else [{} for _ in ids])
+            for i, (ids, lp) in enumerate(zip(output_token_ids, lps))]
+    import_request(engine, RequestSnapshot(request_id, None, list(prompt_token_ids), params,
+                                           engine.cfg.cache.block_size, seqs))

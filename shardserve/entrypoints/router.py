@@ -1,5 +1,6 @@
 """The data-parallel router: N engine-core replicas behind one front; each request goes to the least-loaded healthy
-replica, a replica that dies is restarted while the others keep serving, and a full queue is refused (429)."""
+replica, a replica that dies is restarted while the others keep serving (its requests migrate to them:
+request_migration.py), and a full queue is refused (429)."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from shardserve.engine.args import EngineArgs
 from shardserve.engine.core_client import HEARTBEAT_TIMEOUT_S, EngineCoreClient
 from shardserve.engine.core_launch import core_threads
-from shardserve.engine.request_stream import EngineUnavailable, RequestRejected, RequestStream
+from shardserve.engine.request_stream import EngineUnavailable, Progress, RequestRejected, RequestStream
+from shardserve.entrypoints.request_migration import MigratingStream
 from shardserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)   # waits before successive restart attempts of one replica
+MAX_MIGRATIONS = 2   # default: how many times one request may move to another replica when its replica dies
 
 __all__ = ["Router", "QueueFull", "EngineUnavailable", "RequestRejected", "ReplicaLoad", "pick_replica",
            "core_engine_args"]
@@ -69,7 +72,7 @@ class Router:
 
     def __init__(self, args: EngineArgs, model: str, max_model_len: int, metrics: ServerMetrics | None = None,
                  max_waiting_requests: int | None = None, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, max_migrations: int = MAX_MIGRATIONS) -> None:
         self.num_replicas = max(1, args.data_parallel_size)
         self.core_args = core_engine_args(args, max_model_len, model)
         # one CPU stays with the API process (HTTP, JSON, tokenization): OpenMP threads that share their
@@ -78,6 +81,8 @@ class Router:
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_migrations = max_migrations
+        self.migrations = 0
         self.replicas: list[EngineCoreClient] = [self._new_client(i) for i in range(self.num_replicas)]
         self.restarts = [0] * self.num_replicas
         self.started = False
@@ -161,13 +166,33 @@ class Router:
 
     # --- requests ------------------------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          prompt: str | None = None, arrival: float | None = None) -> RequestStream:
-        """Route the request; raises QueueFull, RequestRejected (client error) or EngineUnavailable (none serving)."""
+                          prompt: str | None = None, arrival: float | None = None) -> MigratingStream:
+        """Route the request; raises QueueFull, RequestRejected (client error) or EngineUnavailable (none serving).
+        The stream follows the request if its replica dies (up to max_migrations moves)."""
         arrival = arrival or time.monotonic()
         if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
             raise QueueFull(f"the server has {self.num_waiting} requests waiting for their first token "
                             f"(--max-waiting-requests {self.max_waiting_requests}); retry later")
-        tried: set[int] = set()
+        stream = await self._place(request_id, prompt_token_ids, params, prompt, arrival)
+        return MigratingStream(self._place, stream, prompt_token_ids, params, prompt, arrival, self.max_migrations,
+                               self._migrated)
+
+    def _migrated(self, src: int, dst: int | None, arrival: float) -> None:
+        """A request left replica `src` when it died: for `dst`, or failed (None: no migration left or possible)."""
+        if dst is not None:
+            self.migrations += 1
+        if self.metrics is not None:
+            if dst is None:
+                self.metrics.on_request_finished(src, "error", time.monotonic() - arrival)
+            else:
+                self.metrics.on_request_migrated(src)
+
+    async def _place(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     prompt: str | None, arrival: float, progress: Progress | None = None,
+                     exclude: set[int] = frozenset()) -> RequestStream:  # type: ignore[assignment]
+        """Put the request on the least-loaded healthy replica not in `exclude` (no admission check: a migrating
+        request was admitted already)."""
+        tried: set[int] = set(exclude)
         while True:
             i = pick_replica(self.loads(), tried)
             if i is None:
@@ -177,6 +202,7 @@ class Router:
                                         f"no engine replica is serving ({self.num_replicas - self.num_healthy} of "
                                         f"{self.num_replicas} down, restarting); retry later")
             try:
-                return await self.replicas[i].add_request(request_id, prompt_token_ids, params, prompt, arrival)
+                return await self.replicas[i].add_request(request_id, prompt_token_ids, params, prompt, arrival,
+                                                          progress)
             except EngineUnavailable:
                 tried.add(i)  # it died before accepting the request: nothing ran, so another replica may take it

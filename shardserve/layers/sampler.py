@@ -14,10 +14,30 @@ from shardserve.sampling_params import SamplingParams
 _PROMPT_LOGPROBS_CHUNK_ELEMS = 1 << 24
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def step_seed(seed: int, position: int) -> int:
+    """The seed of a seeded sample's draw for its `position`-th output token (splitmix64 of both).
+
+    Draws are counter-based: a sample's token at position t depends only on (seed, t) and its logits, never on
+    how many draws came before or on which engine made them. So a request moved to another replica and
+    re-prefilled there (migration), or recomputed after preemption, continues exactly where it was."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A per-request generator; keep it for the request's life so each step draws fresh numbers."""
+    """A per-sample generator; `seed_generator` re-seeds it for each output position before its draw."""
     g = torch.Generator(device=torch.device(device))
-    g.manual_seed(seed)
+    g.manual_seed(seed & _MASK64)
+    return g
+
+
+def seed_generator(g: torch.Generator, seed: int, position: int) -> torch.Generator:
+    g.manual_seed(step_seed(seed, position))
     return g
 
 

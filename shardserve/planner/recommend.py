@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shardserve.planner.cost import LayoutCost
-from shardserve.planner.hardware import Cluster, GiB
+from shardserve.planner.hardware import Cluster, GiB, PlannerError
 from shardserve.planner.memory import DTYPE_BYTES, ModelSpec, stage_weights, total_params
 from shardserve.planner.search import Layout, Request, Shape, rank_key, search, smallest_fitting_cluster
 
@@ -136,9 +136,16 @@ def explain(best: Layout, layouts: list[Layout], spec: ModelSpec, cluster: Clust
     return reasons
 
 
-def make_plan(spec: ModelSpec, cluster: Cluster, req: Request) -> Plan:
-    """Search every layout; recommend the best fitting one, or find the smallest cluster that fits."""
-    layouts, excluded = search(spec, cluster, req)
+def make_plan(spec: ModelSpec, cluster: Cluster, req: Request, engine_only: bool = False) -> Plan:
+    """Search every layout; recommend the best fitting one, or find the smallest cluster that fits. With
+    `engine_only` (`serve --plan auto`), only layouts this engine runs (planner/engine_support.py): one node, no
+    expert parallelism across replicas, 16-bit weights and KV cache."""
+    if engine_only:
+        from shardserve.planner.engine_support import request_problem
+        problem = request_problem(req.dtype, req.kv_dtype)
+        if problem:
+            raise PlannerError(problem)
+    layouts, excluded = search(spec, cluster, req, engine_only)
     plan = Plan(spec, cluster, req, layouts, excluded)
     fitting = [lay for lay in layouts if lay.fits]
     if fitting:
@@ -151,9 +158,10 @@ def make_plan(spec: ModelSpec, cluster: Cluster, req: Request) -> Plan:
         f"one {req.context_len(spec)}-token sequence"
     plan.message = (f"{spec.name} does not fit on {cluster.num_gpus}x{cluster.gpu.name} in {req.dtype} with {what}: "
                     f"weights alone are about {weights / GiB:.0f} GiB, the cluster holds {held / GiB:.0f} GiB")
-    found = smallest_fitting_cluster(spec, cluster, req)
+    found = smallest_fitting_cluster(spec, cluster, req, engine_only=engine_only)
     if found is None:
-        plan.message += "; no cluster of up to 64 such nodes fits"
+        plan.message += ("; no single node of up to 8 such GPUs fits (the engine runs on one node)" if engine_only
+                         else "; no cluster of up to 64 such nodes fits")
         return plan
     plan.smallest_cluster, plan.smallest_layout = found
     c, lay = found

@@ -111,8 +111,25 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def enumerate_shapes(spec: ModelSpec, cluster: Cluster) -> tuple[list[Shape], list[tuple[Shape, str]]]:
-    """Every (tp, pp, dp, ep) with tp*pp*dp = the cluster's GPUs, and those excluded with the reason."""
+def enumerate_shapes(spec: ModelSpec, cluster: Cluster,
+                     engine_only: bool = False) -> tuple[list[Shape], list[tuple[Shape, str]]]:
+    """Every (tp, pp, dp, ep) with tp*pp*dp = the cluster's GPUs, and those excluded with the reason. With
+    `engine_only`, also those this engine cannot run are excluded (planner/engine_support.py)."""
+    ok, excluded = _enumerate_shapes(spec, cluster)
+    if not engine_only:
+        return ok, excluded
+    from shardserve.planner.engine_support import shape_problem
+    runnable = []
+    for shape in ok:
+        problem = shape_problem(spec, cluster, shape)
+        if problem:
+            excluded.append((shape, problem))
+        else:
+            runnable.append(shape)
+    return runnable, excluded
+
+
+def _enumerate_shapes(spec: ModelSpec, cluster: Cluster) -> tuple[list[Shape], list[tuple[Shape, str]]]:
     n, gpn = cluster.num_gpus, cluster.gpus_per_node
     ok: list[Shape] = []
     excluded: list[tuple[Shape, str]] = []
@@ -261,26 +278,31 @@ def rank_key(layout: Layout, req: Request) -> tuple:
     return (not layout.fits, -round(tput, 6), -round(speed, 6), *simpler)
 
 
-def search(spec: ModelSpec, cluster: Cluster, req: Request) -> tuple[list[Layout], list[tuple[Shape, str]]]:
-    """All candidate layouts, best first, and the shapes excluded with their reasons."""
-    shapes, excluded = enumerate_shapes(spec, cluster)
+def search(spec: ModelSpec, cluster: Cluster, req: Request,
+           engine_only: bool = False) -> tuple[list[Layout], list[tuple[Shape, str]]]:
+    """All candidate layouts, best first, and the shapes excluded with their reasons (`engine_only`: only layouts
+    this engine runs)."""
+    shapes, excluded = enumerate_shapes(spec, cluster, engine_only)
     layouts = [evaluate(spec, cluster, shape, req) for shape in shapes]
     layouts.sort(key=lambda lay: rank_key(lay, req))
     return layouts, excluded
 
 
-def smallest_fitting_cluster(spec: ModelSpec, cluster: Cluster, req: Request,
-                             max_nodes: int = 64) -> tuple[Cluster, Layout] | None:
+def smallest_fitting_cluster(spec: ModelSpec, cluster: Cluster, req: Request, max_nodes: int = 64,
+                             engine_only: bool = False) -> tuple[Cluster, Layout] | None:
     """The fewest GPUs of this kind on which some layout fits, and that layout.
 
     A single-node cluster may grow to 8 GPUs per node (a typical server) before adding nodes; a
-    multi-node cluster keeps its node size. Past one node, clusters grow by whole nodes.
+    multi-node cluster keeps its node size. Past one node, clusters grow by whole nodes. With `engine_only`,
+    only one node and only layouts this engine runs.
     """
+    if engine_only:
+        max_nodes = 1
     gpn = cluster.gpus_per_node if cluster.nodes > 1 else max(cluster.gpus_per_node, 8)
     sizes = [(n, 1) for n in range(1, gpn + 1)] + [(gpn, nodes) for nodes in range(2, max_nodes + 1)]
     for per_node, nodes in sizes:
         candidate = cluster.with_size(per_node, nodes)
-        shapes, _ = enumerate_shapes(spec, candidate)
+        shapes, _ = enumerate_shapes(spec, candidate, engine_only)
         fitting = [lay for lay in (evaluate(spec, candidate, s, req, with_perf=False) for s in shapes) if lay.fits]
         if fitting:
             return candidate, min(fitting, key=lambda lay: (lay.pp, -lay.tp, lay.ep))

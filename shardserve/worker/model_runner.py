@@ -9,7 +9,8 @@ import torch
 
 from shardserve.step import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from shardserve.layers.attention import AttentionMetadata
-from shardserve.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, make_generator
+from shardserve.layers.sampler import (Sampler, SamplingMetadata, compute_prompt_logprobs, make_generator,
+                                       seed_generator)
 from shardserve.models.base import IntermediateTensors
 from shardserve.sampling_params import SamplingParams
 from shardserve.worker.cuda_graph import DecodeGraphs
@@ -46,13 +47,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self.states: dict[int, SeqState] = {}  # unseeded rows draw from torch's global RNG (seeded per rank)
         self.graphs: DecodeGraphs | None = None  # captured decode steps (GPU), set by the worker
-        self._resume: dict[int, torch.Tensor] = {}  # seq id → generator state to continue from (KV transfer)
 
     # --- per-sequence state ----------------------------------------------------------------------------------
     def update_states(self, sched: SchedulerOutput) -> None:
         for seq_id in sched.finished_seq_ids:
             self.states.pop(seq_id, None)
-            self._resume.pop(seq_id, None)
         for item in sched.seqs:
             if item.params is None:
                 continue
@@ -60,23 +59,8 @@ class ModelRunner:
             old = self.states.get(item.seq_id)
             gen = old.generator if old is not None else (
                 make_generator(params.seed, self.device) if params.seed is not None else None)
-            resume = self._resume.pop(item.seq_id, None)
-            if gen is not None and resume is not None:
-                gen.set_state(resume)
             self.states[item.seq_id] = SeqState(params, list(item.prompt_token_ids or []),
                                                 list(item.output_token_ids or []), gen)
-
-    def generator_states(self, seq_ids: list[int]) -> dict[int, torch.Tensor | None]:
-        """Where each seeded sequence's draws stand (None: unseeded or unknown here)."""
-        out: dict[int, torch.Tensor | None] = {}
-        for sid in seq_ids:
-            st = self.states.get(sid)
-            out[sid] = st.generator.get_state() if st is not None and st.generator is not None else None
-        return out
-
-    def resume_generators(self, states: dict[int, torch.Tensor]) -> None:
-        """Sequences that arrive later with these ids continue their draws from the given states."""
-        self._resume.update({int(k): v for k, v in states.items() if v is not None})
 
     # --- inputs ----------------------------------------------------------------------------------------------
     def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
@@ -127,6 +111,9 @@ class ModelRunner:
         if sampled:
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [sampled seqs, vocab]
             states = [self.states[s.seq_id] for s in sampled]
+            for st in states:  # counter-based draws: the seed of output position t (see step_seed)
+                if st.generator is not None:
+                    seed_generator(st.generator, st.params.seed, len(st.output_token_ids))
             meta = SamplingMetadata.build(
                 [st.params for st in states], [st.prompt_token_ids for st in states],
                 [st.output_token_ids for st in states], [st.generator for st in states],

@@ -87,7 +87,8 @@ class Worker:
         return max(0, budget // max(1, self.kv_block_bytes()) - self.use_graphs)  # one block: graph padding
 
     def _profile_gpu_budget(self) -> int:
-        """Free device memory for the KV cache after a dummy forward of the largest batch."""
+        """Free device memory for the KV cache after a dummy forward of the largest step, followed on the last
+        stage by its largest logits and sampling work (`_profile_sampling`), so torch's peak covers both."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         n = min(self.cfg.scheduler.max_num_batched_tokens, self.cfg.model.max_model_len)
@@ -111,8 +112,45 @@ class Worker:
         if not self.shard.is_first_stage:
             h = torch.zeros(num_tokens, self.cfg.model.hidden_size, dtype=self.cfg.model.dtype, device=self.device)
             intermediate = {"hidden_states": h, "residual": h.clone()}
-        runner.forward(inputs, intermediate)
-        del caches, runner
+        hidden = runner.forward(inputs, intermediate)
+        if self.shard.is_last_stage:
+            self._profile_sampling(hidden)
+        del caches, runner, hidden
+
+    def _profile_sampling(self, hidden: torch.Tensor) -> None:
+        """Run the last stage's post-forward work of a step at its largest, so that the profiled peak includes it
+        (ModelRunner.sample: the LM head returns fp32 [rows x vocab] logits):
+
+        - prompt logprobs over every token of the step: `compute_logits` of all `num_tokens` rows (a chunk of a
+          prompt that asked for prompt_logprobs), then `compute_prompt_logprobs` (its log-softmax chunks of
+          `_PROMPT_LOGPROBS_CHUNK_ELEMS`), with the most top logprobs a request may ask for;
+        - sampling `max_num_seqs` rows (at most one per token of the step) with every option that allocates
+          [rows x vocab] on: a greedy row among random ones, repetition/frequency/presence penalties over a
+          `max_model_len`-token history, a full top-p sort, min-p and logprobs.
+
+        Every TP rank of the last stage runs this (the LM head all-gathers). The RNGs are left as they were."""
+        from shardserve.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+        from shardserve.sampling_params import MAX_LOGPROBS, SamplingParams
+        n = int(hidden.shape[0])
+        rows = max(1, min(self.cfg.scheduler.max_num_seqs, n))
+        cuda = str(self.device).startswith("cuda")
+        rng_devices = [torch.device(self.device).index or 0] if cuda else []
+        with torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
+            logits = self.model.compute_logits(hidden)  # [n, vocab]: a whole chunk of prompt positions
+            targets = torch.zeros(n, dtype=torch.int64, device=logits.device)
+            compute_prompt_logprobs(logits, targets, MAX_LOGPROBS)
+            del logits, targets
+            logits = self.model.compute_logits(hidden[list(range(n - rows, n))])  # [rows, vocab], as in sample()
+            random = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                                    frequency_penalty=0.5, presence_penalty=0.5, logprobs=MAX_LOGPROBS)
+            params = [SamplingParams(temperature=0.0, logprobs=MAX_LOGPROBS)] + [random] * (rows - 1)
+            meta = SamplingMetadata.build(params, [[0]] * rows, [[0]] * rows, None, [], logits.shape[-1],
+                                          logits.device)
+            history = max(1, self.cfg.model.max_model_len)  # the longest prompt + output token history
+            meta.prompt_token_ids = torch.zeros(rows, history, dtype=torch.int64, device=logits.device)
+            meta.output_token_ids = torch.zeros(rows, history, dtype=torch.int64, device=logits.device)
+            Sampler()(logits, meta)
+            del logits, meta
 
     def _allocate(self, num_blocks: int) -> KVCache:
         m = self.cfg.model
@@ -231,16 +269,6 @@ class Worker:
     def write_kv_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         assert self.kv_cache is not None, "init_cache first"
         self.kv_cache.write_blocks(block_ids, blocks)
-
-    def sampler_states(self, seq_ids: list[int]) -> dict[int, torch.Tensor | None]:
-        """Each sequence's sampling-generator state (None: unseeded), to continue its draws elsewhere."""
-        assert self.runner is not None, "init_cache first"
-        return self.runner.generator_states(seq_ids)
-
-    def set_sampler_states(self, states: dict[int, torch.Tensor]) -> None:
-        """Generator states the next steps' sequences resume from (applied when their state is created)."""
-        assert self.runner is not None, "init_cache first"
-        self.runner.resume_generators(states)
 
     def close(self) -> None:
         for h in self._pending_sends:

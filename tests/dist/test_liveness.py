@@ -99,7 +99,7 @@ def test_core_heartbeat_thread_speaks_through_a_busy_step():
         chan.send({"t": "outs", "outs": ["x" * 100_000]})
         time.sleep(0.2)
         b.settimeout(1.0)
-        decoder, msgs = codec.StreamDecoder(), []
+        decoder, msgs = codec.FrameDecoder(), []
         while not any(m.get("t") == "outs" for m in msgs):
             decoder.feed(b.recv(1 << 20))
             msgs.extend(decoder)
@@ -223,10 +223,12 @@ def test_killed_rank_gives_one_short_line_and_leaves_nothing(checkpoint, rank_pa
 def test_stopped_core_turns_unhealthy_and_fails_its_requests(tiny_model, tmp_path):
     sys.path.insert(0, E2E)
     import openai
-    from e2e_helpers import MODEL_NAME, ServerProcess
+    from e2e_helpers import MODEL_NAME, ServerProcess, metric_value
 
     timeout = 3.0
-    srv = ServerProcess(tiny_model, ["-dp", "2", "--engine-heartbeat-timeout", str(timeout)], tmp_path / "server.log")
+    # --max-migrations 0: its requests fail (the contract without a spare; test_data_parallel.py has them migrate)
+    srv = ServerProcess(tiny_model, ["-dp", "2", "--engine-heartbeat-timeout", str(timeout), "--max-migrations", "0"],
+                        tmp_path / "server.log")
     stopped = None
     try:
         srv.wait_ready()
@@ -273,10 +275,16 @@ def test_stopped_core_turns_unhealthy_and_fails_its_requests(tiny_model, tmp_pat
         # the stopped core was killed (a stopped process dies of SIGKILL) and a fresh one is starting
         assert subprocess.run(["ps", "-o", "stat=", "-p", str(pids[1])], capture_output=True).stdout.strip() in \
             (b"", b"Z")
-        deadline = time.monotonic() + 10
-        while srv.health().json()["replicas"][1]["pid"] in (pids[1], None) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while not (srv.health().json()["replicas"][1]["healthy"] and
+                   srv.health().json()["replicas"][1]["pid"] not in (pids[1], None)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert srv.health().json()["replicas"][1]["pid"] not in (pids[1], None)
+        rep = srv.health().json()["replicas"][1]
+        assert rep["healthy"] and rep["pid"] not in (pids[1], None), rep  # healthy again after the recovery
+        assert srv.health().json()["healthy"] == 2
+        text = srv.metrics()
+        assert metric_value(text, "shardserve:request_failure_total", replica="1") == 1
+        assert metric_value(text, "shardserve:request_migrations_total", replica="1") == 0
     finally:
         if stopped is not None:
             _resume(stopped)

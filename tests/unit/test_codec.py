@@ -180,16 +180,16 @@ def test_large_tensor_bytes_exact():
     _same(t, codec.decode(data))
 
 
-def test_stream_decoder_reassembles_split_frames():
-    """A byte stream of encoded messages, cut anywhere (here: every byte, and arbitrary chunks), decodes to the
+def test_frame_decoder_reassembles_split_frames():
+    """A byte stream of framed messages, cut anywhere (here: every byte, and arbitrary chunks), decodes to the
     same messages, registered classes and tensors included; several messages in one chunk all come out."""
     from shardserve.sampling_params import SamplingParams  # registered as "SamplingParams"
 
     msgs = [{"t": "add", "id": "r1", "prompt_token_ids": [1, 2, 3], "params": SamplingParams(n=2, seed=7)},
             _Step(1, [4], torch.arange(3), note="x"), {"t": "stats", 3: 1.5}, [], "done"]
-    data = b"".join(codec.encode(m) for m in msgs)
+    data = b"".join(codec.encode_frame(m) for m in msgs)
     for chunk in (1, 7, len(data)):
-        dec = codec.StreamDecoder()
+        dec = codec.FrameDecoder()
         got = []
         for k in range(0, len(data), chunk):
             dec.feed(data[k:k + chunk])
@@ -199,28 +199,43 @@ def test_stream_decoder_reassembles_split_frames():
         assert isinstance(got[1], _Step) and got[1].note == "x"
         _same(msgs[1].positions, got[1].positions)
         assert got[2:] == [{"t": "stats", 3: 1.5}, [], "done"]
-    dec = codec.StreamDecoder()
+    dec = codec.FrameDecoder()
     dec.feed(data[:5])
     assert list(dec) == []  # an incomplete message stays buffered
 
 
-def test_stream_decoder_rejects_unknown_and_oversized_input():
-    dec = codec.StreamDecoder()
-    dec.feed(codec.encode({"ok": 1}) + msgpack.packb({"x": msgpack.ExtType(42, b"x")}))
-    assert next(dec) == {"ok": 1}
-    with pytest.raises(ValueError, match="ext type"):
-        next(dec)
-    dec = codec.StreamDecoder()
-    dec.feed(msgpack.packb(msgpack.ExtType(codec.EXT_OBJECT, msgpack.packb(["nobody.Registered", {}]))))
-    with pytest.raises(ValueError, match="not registered"):
-        list(dec)
+def _frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "little") + payload
+
+
+def test_a_bad_frame_costs_only_itself():
+    """Unknown ext types, unregistered classes, a registered class refusing its fields, malformed msgpack: each
+    comes out as a BadFrame with what could be read of it (an add's id), and the frames after it decode."""
     from shardserve.sampling_params import SamplingParams
-    dec = codec.StreamDecoder()  # a registered class still validates what it is given (from_dict)
-    body = msgpack.packb(["SamplingParams", {"n": 0}])
-    dec.feed(msgpack.packb(msgpack.ExtType(codec.EXT_OBJECT, body)))
-    with pytest.raises(ValueError, match="n"):
-        list(dec)
+    bad_params = msgpack.ExtType(codec.EXT_OBJECT, msgpack.packb(["SamplingParams", {"n": 0}]))
+    frames = [
+        _frame(msgpack.packb({"x": msgpack.ExtType(42, b"x")})),
+        _frame(msgpack.packb(msgpack.ExtType(codec.EXT_OBJECT, msgpack.packb(["nobody.Registered", {}])))),
+        _frame(msgpack.packb({"t": "add", "id": "r7", "prompt_token_ids": [1], "params": bad_params})),
+        _frame(b"\xc1\xc1"),  # never valid msgpack
+        codec.encode_frame({"ok": 1}),
+    ]
+    dec = codec.FrameDecoder()
+    dec.feed(b"".join(frames))
+    got = list(dec)
+    assert len(got) == 5 and got[4] == {"ok": 1}
+    assert all(isinstance(g, codec.BadFrame) for g in got[:4])
+    assert "ext type" in got[0].error and "not registered" in got[1].error and "n" in got[2].error
+    assert got[2].head["t"] == "add" and got[2].head["id"] == "r7"  # enough to refuse that one request
+    assert got[3].head is None
     assert SamplingParams  # imported for its registration
-    dec = codec.StreamDecoder(max_buffer_size=64)
-    with pytest.raises(ValueError, match="buffer"):
-        dec.feed(codec.encode(b"\0" * 100)[:80])
+
+
+def test_frame_decoder_bounds_a_frame():
+    dec = codec.FrameDecoder(max_frame_bytes=64)
+    dec.feed(codec.encode_frame(b"\0" * 100)[:10])
+    with pytest.raises(ValueError, match="exceeds the bound"):
+        list(dec)
+    dec = codec.FrameDecoder(max_frame_bytes=64)
+    dec.feed(codec.encode_frame(b"\0" * 40) + codec.encode_frame({"after": True}))
+    assert list(dec) == [b"\0" * 40, {"after": True}]  # under the bound: fine, and the buffer moves on

@@ -213,3 +213,53 @@ def test_core_loop_keeps_serving_after_a_failed_step(llama, ref, oom_once, monke
         assert_no_blocks_held(llm)
     finally:
         llm.shutdown()
+
+
+def test_an_undecodable_add_is_refused_and_the_channel_goes_on(llama, ref):
+    """Over the real socket channel: an add whose params a SamplingParams refuses (it was changed after validation,
+    or a peer bug) does not decode; the core answers that one request with an error ack, and the next request on the
+    same channel is served normally."""
+    import socket
+    import threading
+
+    import msgpack
+
+    from shardserve.distributed import codec
+    from shardserve.engine.core_proc import _Channel, serve
+    llm = engine_llm(llama)
+    a, b = socket.socketpair()
+    try:
+        bad = msgpack.packb({"t": "add", "id": "bad", "prompt_token_ids": PROMPTS[0],
+                             "params": msgpack.ExtType(codec.EXT_OBJECT, msgpack.packb(
+                                 ["SamplingParams", {"temperature": -1.0}]))})
+        b.sendall(len(bad).to_bytes(4, "little") + bad + codec.encode_frame(
+            {"t": "add", "id": "good", "prompt_token_ids": PROMPTS[1], "params": GREEDY}))
+        done: dict = {}
+
+        def run() -> None:
+            try:
+                done["rc"] = serve(llm.engine, _Channel(a))
+            except (BrokenPipeError, ConnectionResetError):  # as run_core: the parent hung up while we wrote
+                done["rc"] = 0
+        core = threading.Thread(target=run, daemon=True)
+        core.start()
+        dec, msgs = codec.FrameDecoder(), []
+        b.settimeout(60)
+        while not any(m.get("t") == "outs" and any(d.request_id == "good" and d.finished for d in m["outs"])
+                      for m in msgs):
+            dec.feed(b.recv(1 << 20))
+            msgs.extend(dec)
+        acks = {m["id"]: m["error"] for m in msgs if m.get("t") == "ack"}
+        assert acks["good"] is None
+        assert acks["bad"].startswith("the request could not be decoded") and "temperature" in acks["bad"]
+        ids = [t for m in msgs if m.get("t") == "outs" for d in m["outs"] if d.request_id == "good"
+               for t in d.outputs[0].token_ids]
+        assert ids == ref["prompts"][1]
+        b.close()
+        core.join(10)
+        assert done.get("rc") == 0
+        assert_no_blocks_held(llm)
+    finally:
+        a.close()
+        b.close()
+        llm.shutdown()

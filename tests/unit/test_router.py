@@ -50,7 +50,7 @@ class FakeEngine:
             raise EngineUnavailable("boom")
         self.state = "ready"
 
-    async def add_request(self, rid, ids, params, prompt=None, arrival=None):
+    async def add_request(self, rid, ids, params, prompt=None, arrival=None, progress=None):
         if self.refuse or self.state != "ready":
             raise EngineUnavailable(f"replica {self.replica} is not serving")
         self.reqs[rid] = {"tokens": len(ids) + params.max_tokens, "started": False}
@@ -247,3 +247,112 @@ def test_offline_dp_and_server_drive_the_same_engine_core_client(tiny_model, mon
     finally:
         dp.shutdown()
     dp.shutdown()  # idempotent
+
+
+# --- request migration ------------------------------------------------------------------------------------------
+class FakeStream:
+    """A replica's stream: yields the given outputs, then raises `then` (if any)."""
+
+    def __init__(self, rid: str, replica: int, outs: list[RequestOutput], then: BaseException | None = None):
+        self.request_id, self.replica, self._outs, self._then = rid, replica, list(outs), then
+        self.closed = False
+
+    async def __anext__(self) -> RequestOutput:
+        if self._outs:
+            return self._outs.pop(0)
+        if self._then is not None:
+            raise self._then
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _progress_out(ids: list[int], text: str, finished: bool = False) -> RequestOutput:
+    return RequestOutput("r", None, [1, 2], [CompletionOutput(0, text, ids, logprobs=[{t: -0.5} for t in ids])],
+                         finished)
+
+
+def test_a_lost_replica_s_request_moves_with_what_the_client_has():
+    from shardserve.engine.request_stream import ReplicaLost
+    from shardserve.entrypoints.request_migration import MigratingStream
+    placed, events = [], []
+    lost = ReplicaLost("replica 0 died")
+
+    async def place(rid, ids, params, prompt, arrival, progress, exclude):
+        placed.append((rid, ids, progress, set(exclude)))
+        if len(placed) == 1:  # the first move: another replica that dies too
+            return FakeStream(rid, 1, [_progress_out([5, 6, 7], "abc")], then=ReplicaLost("replica 1 died"))
+        return FakeStream(rid, 0, [_progress_out([5, 6, 7, 8], "abcd", finished=True)])
+
+    async def main(max_migrations):
+        placed.clear()
+        first = FakeStream("r", 0, [_progress_out([5], "a"), _progress_out([5, 6], "ab")], then=lost)
+        s = MigratingStream(place, first, [1, 2], SamplingParams(max_tokens=4, logprobs=1), None, 0.0,
+                            max_migrations, lambda src, dst, arrival: events.append((src, dst)))
+        got = []
+        try:
+            async for o in s:
+                got.append(o.outputs[0].text)
+        except ReplicaLost as e:
+            return got, e, s.migrations
+        return got, None, s.migrations
+
+    got, err, moves = asyncio.run(main(2))
+    assert got == ["a", "ab", "abc", "abcd"] and err is None and moves == 2
+    assert events == [(0, 1), (1, 0)]
+    (_, ids0, p0, ex0), (_, _, p1, ex1) = placed
+    assert ids0 == [1, 2] and ex0 == {0} and ex1 == {1}
+    assert p0.token_ids == [[5, 6]] and p0.texts == ["ab"] and p0.logprobs == [[{5: -0.5}, {6: -0.5}]]
+    assert p1.token_ids == [[5, 6, 7]] and p1.texts == ["abc"]
+
+    events.clear()
+    got, err, moves = asyncio.run(main(1))  # the limit: the second loss reaches the client
+    assert got == ["a", "ab", "abc"] and "replica 1 died" in str(err) and moves == 1
+    assert events == [(0, 1), (1, None)]  # counted as a failure of replica 1
+
+    events.clear()
+    got, err, moves = asyncio.run(main(0))  # migration off
+    assert got == ["a", "ab"] and err is lost and moves == 0 and events == [(0, None)]
+
+
+def test_a_request_with_nowhere_to_go_fails_with_the_replica_s_error():
+    from shardserve.engine.request_stream import ReplicaLost
+    from shardserve.entrypoints.request_migration import MigratingStream
+    lost = ReplicaLost("replica 0 died")
+
+    async def place(*_args):
+        raise EngineUnavailable("no engine replica is serving")
+
+    async def main():
+        s = MigratingStream(place, FakeStream("r", 0, [], then=lost), [1], SamplingParams(), None, 0.0, 2)
+        with pytest.raises(ReplicaLost, match="replica 0 died"):
+            await s.__anext__()
+        closed = FakeStream("r", 0, [], then=ReplicaLost("x"))
+        s2 = MigratingStream(place, closed, [1], SamplingParams(), None, 0.0, 2)
+        s2.close()  # the client went away: never moved
+        assert closed.closed
+        with pytest.raises(ReplicaLost):
+            await s2.__anext__()
+    asyncio.run(main())
+
+
+def test_router_accounting_does_not_grow_with_requests_in_flight():
+    """Row 1 of issue 14: the load figures the router reads per request are counters, not sums over requests."""
+    from shardserve.engine.core_client import EngineCoreClient
+    c = EngineCoreClient({"max_model_len": 64})
+    loop = asyncio.new_event_loop()
+    try:
+        for i in range(3):
+            c._track(f"r{i}", RequestState(asyncio.Queue(), 10, 5, 1, 0.0, loop.create_future()))
+        assert (c.num_waiting, c.outstanding_tokens, c.num_in_flight) == (3, 45, 3)
+        req = c._untrack("r1")
+        req.first_token_time, req.generated = 1.0, 2
+        c._track("r1", req)
+        assert (c.num_waiting, c.outstanding_tokens) == (2, 33)
+        c.abort("r0")
+        assert (c.num_waiting, c.outstanding_tokens, c.num_in_flight) == (1, 18, 2)
+        c._fail_all("gone")
+        assert (c.num_waiting, c.outstanding_tokens, c.num_in_flight) == (0, 0, 0)
+    finally:
+        loop.close()

@@ -1,12 +1,17 @@
 """The OpenAI-compatible HTTP server: the FastAPI app (routes, API-key check, OpenAI-style errors), engine start-up
-in the background (/health says 503 until a replica serves), the periodic stats log, and running it under uvicorn."""
+in the background (/health says 503 until a replica serves), the periodic stats log, and running it under uvicorn
+with a graceful stop (`GracefulStop`: the first SIGTERM/SIGINT drains, a second one or the end of
+--shutdown-grace-s stops at once)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from contextlib import asynccontextmanager
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +26,7 @@ from shardserve.entrypoints.openai.request_checks import parse_request
 from shardserve.entrypoints.openai.serving import OFFLOAD_CHARS, ClientGone, ServerState, internal_error
 from shardserve.entrypoints.openai.serving_chat import create_chat_completion, prepare_chat
 from shardserve.entrypoints.openai.serving_completion import create_completion
+from shardserve.entrypoints.openai.graceful_stop import CountGenerationRequests, GracefulStop, say
 from shardserve.metrics import CONTENT_TYPE_LATEST, StatsLogger
 
 logger = logging.getLogger(__name__)
@@ -61,11 +67,14 @@ def build_app(state: ServerState, stats_interval: float = 10.0,
             for t in tasks:
                 t.cancel()
             await state.router.shutdown()
+            if state.draining:
+                say("engine replicas stopped")
 
     app = FastAPI(title="shardserve", version=shardserve.__version__, lifespan=lifespan,
                   docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
                   description="OpenAI-compatible API of shardserve (docs/serving.md)")
     app.state.shardserve = state
+    app.add_middleware(CountGenerationRequests, state=state)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -99,6 +108,8 @@ def build_app(state: ServerState, stats_interval: float = 10.0,
     async def health() -> JSONResponse:
         router = state.router
         body: dict[str, Any] = {"replicas": router.status(), "healthy": router.num_healthy}
+        if state.draining:  # load balancers: send nothing new here
+            return JSONResponse({"status": "draining", "in_flight": state.in_flight, **body}, status_code=503)
         if router.num_healthy:
             return JSONResponse({"status": "ok", **body})
         status = "failed" if state.loading_error else ("loading" if not router.started else "unavailable")
@@ -122,10 +133,12 @@ def build_app(state: ServerState, stats_interval: float = 10.0,
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
+        state.check_accepting()
         return await create_completion(state, request)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
+        state.check_accepting()
         return await create_chat_completion(state, request)
 
     @app.post("/tokenize", dependencies=auth)
@@ -162,9 +175,30 @@ def build_app(state: ServerState, stats_interval: float = 10.0,
 
 
 def run_server(state: ServerState, host: str, port: int, stats_interval: float = 10.0,
-               log_level: str = "warning") -> int:
-    """Serve until SIGINT/SIGTERM; returns 1 if the engine failed to start."""
+               log_level: str = "warning", shutdown_grace_s: float = 30.0) -> int:
+    """Serve until SIGINT/SIGTERM (a graceful stop, `GracefulStop`); returns 0 after a requested stop, 1 if the
+    engine failed to start."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server with our signal handling: uvicorn's own stops at the first signal (waiting only
+        --timeout-graceful-shutdown for responses, then cancelling them) and re-raises the signal at the end, so
+        the process died of SIGTERM rather than exiting 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.on_signal, sig)
+            try:
+                yield
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -176,12 +210,28 @@ def run_server(state: ServerState, host: str, port: int, stats_interval: float =
     app = build_app(state, stats_interval, on_fatal)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5,
                             access_log=log_level.lower() in ("debug", "info"))
-    server = uvicorn.Server(config)
+    server = Server(config)
+    stop = GracefulStop(state, shutdown_grace_s, server)
     print(f"shardserve: serving {', '.join(state.model_names)} on http://{host}:{port} "
           f"({state.router.num_replicas} engine replica(s) loading; GET /health says 200 when ready)",
           file=sys.stderr, flush=True)
-    server.run()
+    try:
+        server.run()
+    finally:
+        _sweep_shared_memory()
     if failed:
         print(f"error: the engine failed to start: {failed[0]}", file=sys.stderr)
         return 1
+    if stop.signals:
+        say("stopped")
     return 0
+
+
+def _sweep_shared_memory() -> None:
+    """Unlink the pid-named segments (rings, heartbeat boards, all-reduce) of processes that no longer run, e.g.
+    engine cores or ranks killed with their resource trackers."""
+    try:
+        from shardserve.distributed.message_queue import reap_orphaned_segments
+        reap_orphaned_segments()
+    except Exception as e:  # noqa: BLE001 - best effort on the way out
+        logger.warning("sweeping /dev/shm failed: %s", e)

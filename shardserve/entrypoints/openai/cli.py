@@ -17,6 +17,7 @@ then:  curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     from shardserve.engine.args import EngineArgs
     from shardserve.engine.core_client import HEARTBEAT_TIMEOUT_S
+    from shardserve.entrypoints.router import MAX_MIGRATIONS
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP API",
                        description="Serve a model over HTTP with the OpenAI API (/v1/completions, "
                                    "/v1/chat/completions, /v1/models), Prometheus /metrics and /health. With -dp N, "
@@ -34,9 +35,19 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="answer 429 while this many requests wait for their first token (default: no limit)")
     g.add_argument("--stats-interval", type=float, default=10.0,
                    help="seconds between stats log lines (throughput, queue, KV usage); 0 = off")
+    g.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on SIGTERM or SIGINT, stop taking requests (503, /health 'draining') and give the ones in "
+                        "flight, streams included, this many seconds to finish before stopping the engines and "
+                        "exiting 0; a second SIGTERM/SIGINT stops at once (requests still running end with an "
+                        "error) (default 30)")
     g.add_argument("--engine-heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_S,
                    help="seconds without a heartbeat (a thread of each core sends one every 0.5 s, however long its "
                         "step) after which a replica is taken for stalled: unhealthy at once, killed and restarted")
+    g.add_argument("--max-migrations", type=int, default=MAX_MIGRATIONS,
+                   help="when a replica (-dp) dies or stalls, each of its requests continues on a healthy replica "
+                        "(the prompt and the tokens already sent are prefilled there; the client sees no error and "
+                        "no repeated or missing text); this many moves per request at most, 0 = off: its requests "
+                        f"fail with an error (default {MAX_MIGRATIONS})")
     g.add_argument("--max-request-body-bytes", default="16MiB",
                    help="largest request body accepted, e.g. 16MiB or 1000000; larger ones get 413 before they are "
                         "parsed (default 16MiB)")
@@ -79,6 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
         raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
+    if not args.shutdown_grace_s >= 0:  # (also refuses nan)
+        raise ValueError(f"--shutdown-grace-s must be >= 0, got {args.shutdown_grace_s}")
     api_key = resolve_api_key(args.api_key, os.environ.get("SHARDSERVE_API_KEY"))
     from shardserve.config import parse_size
     from shardserve.entrypoints.openai.request_checks import RequestLimits
@@ -103,10 +116,13 @@ def run_serve(args: argparse.Namespace) -> int:
     metrics = ServerMetrics(names[0])
     if args.engine_threads is not None and args.engine_threads < 1:
         raise ValueError(f"--engine-threads must be >= 1, got {args.engine_threads}")
+    if args.max_migrations < 0:
+        raise ValueError(f"--max-migrations must be >= 0 (0 turns migration off), got {args.max_migrations}")
     router = Router(eargs, model, cfg.model.max_model_len, metrics, args.max_waiting_requests,
-                    args.engine_heartbeat_timeout, threads=args.engine_threads)
+                    args.engine_heartbeat_timeout, threads=args.engine_threads, max_migrations=args.max_migrations)
     state = ServerState(router, tokenizer, names, model, cfg.model.max_model_len, metrics,
                         api_key=api_key, limits=limits)
     logging.getLogger("shardserve.stats").setLevel(logging.INFO)
     log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    return run_server(state, args.host, args.port, args.stats_interval, str(log_level))
+    return run_server(state, args.host, args.port, args.stats_interval, str(log_level),
+                      shutdown_grace_s=args.shutdown_grace_s)

@@ -43,6 +43,10 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     loading_error: str | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)
+    # graceful stop (graceful_stop.GracefulStop): set by the first SIGTERM/SIGINT; from then on new generation
+    # requests get 503 and /health says "draining", while the ones counted in `active_requests` finish
+    draining: bool = False
+    active_requests: int = 0  # generation requests (completions, chat) whose HTTP response is not done yet
     _key_digest: bytes | None = None
     _token_text: dict[int, str] = field(default_factory=dict)
     _max_token_chars: int | None = None
@@ -72,6 +76,19 @@ class ServerState:
         if n_chars > bound:
             raise APIError(400, f"{param} is {n_chars} characters, far more than this model's context length of "
                                 f"{self.max_model_len} tokens can hold", param=param, code="context_length_exceeded")
+
+    def check_accepting(self) -> None:
+        """Refuse a new generation request while the server drains before stopping (503, code
+        server_shutting_down); a request already admitted runs on."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down and accepts no new requests; retry against another "
+                                "instance or once it has restarted", code="server_shutting_down")
+
+    @property
+    def in_flight(self) -> int:
+        """Work the drain waits for: generation requests whose response is not done, or (should one not be
+        counted there) requests the engine replicas still run."""
+        return max(self.active_requests, sum(r.num_in_flight for r in self.router.replicas))
 
     def check_api_key(self, authorization: str | None) -> None:
         """Constant-time check of `Authorization: Bearer KEY` (both sides hashed, so lengths leak nothing)."""
@@ -133,7 +150,7 @@ async def open_streams(state: ServerState, base_id: str, prompts: list[list[int]
     arrival = time.monotonic()
     results = await asyncio.gather(*(state.router.add_request(f"{base_id}-{i}", ids, params, texts[i], arrival)
                                      for i, ids in enumerate(prompts)), return_exceptions=True)
-    streams = [r for r in results if isinstance(r, RequestStream)]
+    streams = [r for r in results if not isinstance(r, BaseException)]
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         for s in streams:
