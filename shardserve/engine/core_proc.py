@@ -132,6 +132,8 @@ def serve(engine: LLMEngine, chan: _Channel) -> int:
                 outs = engine.step()
             except Exception as e:  # noqa: BLE001 - the step's requests fail; the core keeps serving
                 outs = engine.fail_step(e)
+            if engine.dead:  # its requests' error outputs stay here: `dead` fails them as lost, so they may migrate
+                outs = [o for o in outs if not o.error]
             if outs:
                 chan.send({"t": "outs", "outs": [encoder.encode(o) for o in outs]})
         if engine.dead:

@@ -145,6 +145,70 @@ def test_a_killed_then_a_stopped_replica_lose_no_request(start_server, offline_l
     assert all(tokens == 6 for _, tokens in asyncio.run(again()))
 
 
+def rank_pids(core: int) -> list[int]:
+    """The rank processes (`python -m shardserve.worker.main`) a core started."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == core and b"shardserve.worker.main" in cmd:
+                out.append(int(d))
+    return sorted(out)
+
+
+def test_a_lost_rank_s_requests_migrate(start_server):
+    """-dp 2 -tp 2: kill -9 one rank of replica 1, then SIGSTOP one rank of replica 0, each under streaming load: the
+    replica's core reports its engine dead (a lost rank) or its stall check fires (--rank-stall-timeout-s), and its
+    requests go on on the other replica; every stream equals the unkilled run."""
+    srv = start_server(["-dp", "2", "-tp", "2", "--rank-stall-timeout-s", "3"])
+    n, max_tokens = 4, 64
+    prompts = [f"Rank loss {i}" for i in range(n)]
+    seeded = [i % 2 == 1 for i in range(n)]
+
+    async def run_all(fault=None):
+        async with client(srv) as c:
+            tasks = [asyncio.create_task(stream_req(c, p, max_tokens, s)) for p, s in zip(prompts, seeded)]
+            if fault is not None:
+                await asyncio.to_thread(fault)
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    ref = asyncio.run(run_all())
+    assert all(not isinstance(r, BaseException) for r in ref), ref
+
+    def hit(replica: int, sig: int) -> tuple[int, list[int]]:
+        core = srv.health().json()["replicas"][replica]["pid"]
+        ranks = rank_pids(core)
+        assert len(ranks) == 2, (core, ranks)
+        wait_victim_busy(srv, replica)
+        os.kill(ranks[1], sig)
+        return core, ranks
+
+    for replica, sig in ((1, signal.SIGKILL), (0, signal.SIGSTOP)):
+        hits: list = []
+        try:
+            results = asyncio.run(run_all(lambda: hits.append(hit(replica, sig))))
+        finally:
+            if sig == signal.SIGSTOP and hits:
+                try:
+                    os.kill(hits[0][1][1], signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        errors = [repr(r)[:200] for r in results if isinstance(r, BaseException)]
+        assert not errors, (sig, errors, srv.log_tail())
+        assert results == ref, sig
+        text = srv.metrics()
+        assert metric_value(text, "shardserve:request_migrations_total", replica=str(replica)) >= 1
+        assert metric_value(text, "shardserve:request_failure_total", replica=str(replica)) == 0
+        if replica == 1:  # the next fault needs it back to take replica 0's requests
+            wait_restarted(srv, replica, hits[0][0])
+
+
 def test_offline_data_parallel_matches_one_engine(tiny_model, offline_llm):
     prompts = [f"Offline prompt {i} reads" for i in range(6)]
     params = [SamplingParams(temperature=0, max_tokens=8),
