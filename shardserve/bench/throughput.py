@@ -1,5 +1,8 @@
 """`shardserve bench throughput`: offline tokens/s of the engine on a seeded random workload, optionally against
-transformers `generate` (batched with left padding, as a transformers user would) on the same model and prompts."""
+transformers `generate` (batched with left padding, as a transformers user would) on the same model and prompts
+(--compare-hf), and/or against llama.cpp (--compare-llamacpp FILE.gguf, needs the optional llama-cpp-python: the same
+prompt token ids and output lengths, the requests one after another since llama-cpp-python has no batching, the
+engine's torch thread count; bench/llamacpp_peer.py)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +25,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload-seed", type=int, default=0, help="seed of the random workload")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers generate and print the ratio")
     p.add_argument("--hf-batch-size", type=int, default=16, help="batch size of the transformers run")
+    p.add_argument("--compare-llamacpp", default=None, metavar="FILE.gguf",
+                   help="also run llama.cpp (needs llama-cpp-python) on this GGUF, the same requests one after "
+                        "another (no batching in llama-cpp-python), and print the ratio")
     p.add_argument("--output-json", default=None, help="write the results to this JSON file")
     EngineArgs.add_cli_args(p)
 
@@ -65,7 +71,11 @@ def run_hf(model_dir: str, wl: Workload, batch_size: int, dtype: torch.dtype, de
 def run(args: argparse.Namespace) -> int:
     from shardserve.engine.args import EngineArgs
     from shardserve.entrypoints.llm import LLM
+    if args.compare_llamacpp:  # before the engine runs: a missing package or file is a clear error at once
+        from shardserve.bench.llamacpp_peer import check_available
+        check_available(args.compare_llamacpp)
     eargs = EngineArgs.from_cli(args)
+    threads = torch.get_num_threads()  # the engine's threads; the llama.cpp peer gets as many
     llm = LLM(**vars(eargs))
     cfg = llm.engine.cfg if hasattr(llm.engine, "cfg") else None
     tok = llm.get_tokenizer()
@@ -100,6 +110,19 @@ def run(args: argparse.Namespace) -> int:
         res["ratio"] = res["engine_tok_s"] / res["hf_tok_s"]
         print(f"transformers: {res['hf_tok_s']:.1f} output tok/s ({hf_elapsed:.1f} s, batch {args.hf_batch_size})")
         print(f"ratio:        {res['ratio']:.2f}x")
+    if args.compare_llamacpp:
+        from shardserve.bench.llamacpp_peer import throughput_run
+        lc_elapsed, lc_out, info = throughput_run(args.compare_llamacpp, wl.prompts, wl.output_lens, threads,
+                                                  gpu=bool(cfg and cfg.device.startswith("cuda")))
+        assert lc_out == wl.num_output_tokens, (lc_out, wl.num_output_tokens)
+        res.update(llamacpp_tok_s=lc_out / lc_elapsed, llamacpp_elapsed_s=lc_elapsed,
+                   llamacpp_mode="sequential, batch 1 (llama-cpp-python has no batching)",
+                   llamacpp={**info})
+        res["llamacpp_ratio"] = res["engine_tok_s"] / res["llamacpp_tok_s"]
+        print(f"llama.cpp:    {res['llamacpp_tok_s']:.1f} output tok/s ({lc_elapsed:.1f} s; the requests one after "
+              f"another, batch 1: llama-cpp-python has no batching; {info['threads']} threads, "
+              f"llama-cpp-python {info['llama_cpp_python']})")
+        print(f"ratio:        {res['llamacpp_ratio']:.2f}x (engine / llama.cpp)")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(res, f, indent=2)

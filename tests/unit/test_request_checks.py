@@ -168,7 +168,7 @@ def test_request_template_size_limits(src):
     t = time.monotonic()
     with pytest.raises(TemplateLimitError):
         render(src)
-    assert time.monotonic() - t < 1.0
+    assert time.monotonic() - t < 3.0  # refused at the limit (seconds of work unbounded it took 18.9 s), with CI slack
 
 
 def test_request_template_time_limit():
