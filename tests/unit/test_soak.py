@@ -10,7 +10,7 @@ import random
 import pytest
 
 from shardserve.bench import soak
-from shardserve.bench import soak_report
+from shardserve.bench import soak_report, soak_requests
 from shardserve.bench.soak_report import RequestRecord, build_report, classify, kv_state, verdict
 
 
@@ -150,10 +150,10 @@ def test_sample_rss_sees_this_process_and_its_children():
 def test_request_mix_fits_the_context():
     args = argparse.Namespace(max_tokens="1:128", prompt_words="1:400", disconnect_fraction=0.3)
     rng = random.Random(0)
-    plans = [soak.make_request(rng, args, 256) for _ in range(400)]
+    plans = [soak_requests.make_request(rng, args, 256) for _ in range(400)]
     for r, body in plans:
         words = len((body.get("prompt") or body["messages"][-1]["content"]).split())
-        assert words * soak.TOKENS_PER_WORD + body["max_tokens"] + soak.TEMPLATE_MARGIN_TOKENS <= 256
+        assert words * soak_requests.TOKENS_PER_WORD + body["max_tokens"] + soak_requests.TEMPLATE_MARGIN_TOKENS <= 256
         assert body["stream"] == r.stream
         if r.disconnect_after is not None or r.disconnect_delay_s is not None:
             assert body["ignore_eos"]
