@@ -209,7 +209,8 @@ def format_report(rep: dict[str, Any]) -> str:
 
 
 # --- the server's processes and metrics -------------------------------------------------------------------------
-def _proc_children() -> dict[int, list[int]]:
+def proc_children() -> dict[int, list[int]]:
+    """Every running process's children (pid → child pids), from /proc."""
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -250,7 +251,7 @@ def _label(pid: int, root: int) -> str:
 
 def process_tree(root: int) -> list[int]:
     """`root` and all its descendants (pids), root first."""
-    kids = _proc_children()
+    kids = proc_children()
     out, todo = [], [root]
     while todo:
         pid = todo.pop(0)

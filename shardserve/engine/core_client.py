@@ -386,7 +386,7 @@ class EngineCoreClient:
             return
         new = sum(len(c.token_ids_delta) for c in out.outputs)
         if new:
-            self._untrack(d.request_id)  # re-tracked below with its new load
+            was_waiting, before = req.first_token_time is None, req.outstanding_tokens
             req.generated += new
             if self.metrics is not None:
                 if req.first_token_time is None:
@@ -397,7 +397,8 @@ class EngineCoreClient:
             if req.first_token_time is None:
                 req.first_token_time = now
             req.last_token_time = now
-            self._track(d.request_id, req)
+            self._num_waiting -= was_waiting
+            self._outstanding += req.outstanding_tokens - before
         if out.error:
             req.finished = True
             self._untrack(d.request_id)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardserve.distributed import codec
 from shardserve.engine.output_wire import OutputEncoder
+from shardserve.engine.request_transfer import resume_request
 from shardserve.sampling_params import SamplingParams  # registered with the codec: an add carries one
 
 if TYPE_CHECKING:
@@ -152,7 +153,6 @@ def _add(engine: LLMEngine, msg: dict) -> None:
         raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
     resume = msg.get("resume")
     if resume:
-        from shardserve.engine.request_transfer import resume_request
         resume_request(engine, msg["id"], msg["prompt_token_ids"], params, resume["outputs"], resume.get("logprobs"))
     else:
         engine.add_request(msg["id"], None, params, prompt_token_ids=msg["prompt_token_ids"])

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from typing import TYPE_CHECKING
-
 from shardserve.distributed import codec
+from shardserve.engine.request_stream import Progress
 from shardserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
-
-if TYPE_CHECKING:
-    from shardserve.engine.request_stream import Progress
 
 __all__ = ["CompletionDelta", "OutputDelta", "OutputEncoder", "OutputAccumulator"]
 
@@ -89,13 +85,10 @@ class OutputAccumulator:
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], n: int,
             want_logprobs: bool, progress: Progress | None = None) -> None:
         """Start accumulating a request; `progress`: what an earlier replica already reported (migration)."""
-        if progress is None:
-            self._reqs[request_id] = _Acc(prompt, list(prompt_token_ids), n, want_logprobs, [""] * n,
-                                          [[] for _ in range(n)], [[] for _ in range(n)])
-        else:
-            self._reqs[request_id] = _Acc(prompt, list(prompt_token_ids), n, want_logprobs, list(progress.texts),
-                                          [list(t) for t in progress.token_ids], [list(lp) for lp in progress.logprobs],
-                                          progress.prompt_logprobs)
+        p = progress if progress is not None else Progress.of(None, n)
+        self._reqs[request_id] = _Acc(prompt, list(prompt_token_ids), n, want_logprobs, list(p.texts),
+                                      [list(t) for t in p.token_ids], [list(lp) for lp in p.logprobs],
+                                      p.prompt_logprobs)
 
     def drop(self, request_id: str) -> None:
         self._reqs.pop(request_id, None)

@@ -14,6 +14,7 @@ import pytest
 
 from e2e_helpers import MODEL_NAME, metric_value
 from shardserve import LLM, SamplingParams
+from shardserve.bench.soak_report import proc_children
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiproc")]
 
@@ -148,17 +149,13 @@ def test_a_killed_then_a_stopped_replica_lose_no_request(start_server, offline_l
 def rank_pids(core: int) -> list[int]:
     """The rank processes (`python -m shardserve.worker.main`) a core started."""
     out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == core and b"shardserve.worker.main" in cmd:
-                out.append(int(d))
+    for pid in proc_children().get(core, []):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"shardserve.worker.main" in f.read():
+                    out.append(pid)
+        except OSError:
+            continue
     return sorted(out)
 
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from e2e_helpers import API_KEY, MODEL_NAME, ServerProcess
+from shardserve.bench.soak_report import rss_mb
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiproc")]
 
@@ -112,11 +113,6 @@ def test_10mb_prompts_are_refused_fast(server, path, body):
     assert dt < 2.0 and worst < 1.0, (dt, worst)
 
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def test_memory_is_returned_after_rejected_giant_requests(server):
     """Row 4: giant requests just under the body limit, refused, leave the API process's memory where it was (it
     once grew 0.8 -> 2.05 GB and stayed there). Token-id prompts are the costly kind: parsed, then counted."""
@@ -124,15 +120,15 @@ def test_memory_is_returned_after_rejected_giant_requests(server):
               json.dumps({"model": MODEL_NAME, "prompt": "word " * 2_000_000, "max_tokens": 1}),
               json.dumps({"model": MODEL_NAME, "messages": [{"role": "user", "content": "x " * 5_000_000}]})]
     paths = ["/v1/completions", "/v1/completions", "/v1/chat/completions"]
-    base = _rss_mb(server.proc.pid)
+    base = rss_mb(server.proc.pid)
     peak = base
     for _ in range(3):
         for path, raw in zip(paths, bodies):
             r, _ = post_raw(f"{server.url}{path}", raw.encode())
             assert r.status_code == 400, r.text[:300]
-            peak = max(peak, _rss_mb(server.proc.pid))
+            peak = max(peak, rss_mb(server.proc.pid))
     time.sleep(1.0)
-    end = _rss_mb(server.proc.pid)
+    end = rss_mb(server.proc.pid)
     assert end - base < 100, (base, peak, end)
 
 
