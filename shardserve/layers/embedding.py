@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.layers.cpu import ops as cpu_ops
 from shardserve.layers.lazy_tensor import LazyTensor
 from shardserve.layers.linear import _tp_info
 
@@ -68,7 +69,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = F.linear(hidden, self.weight)  # [tokens, V_r]
+        logits = cpu_ops.linear(hidden, self.weight)  # [tokens, V_r]
         if self.tp_size > 1:
             logits = self.tp.all_gather(logits, dim=-1)  # [tokens, V_padded]
         return logits[..., : self.vocab_size]

@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from shardserve.layers.cpu import ops as cpu_ops
 from shardserve.layers.lazy_tensor import LazyTensor
 from shardserve.layers.tp_split import head_partition, shard_range
 
@@ -53,7 +53,7 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return cpu_ops.linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -172,7 +172,7 @@ class RowParallelLinear(LinearBase):
         if chunks > 1 and x.dim() == 2 and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             y = self._overlapped(x, chunks)
         else:
-            y = F.linear(x, self.weight)
+            y = cpu_ops.linear(x, self.weight)
             if self.tp_size > 1 and self.reduce_results:
                 y = self.tp.all_reduce(y)
         if self.bias is not None:

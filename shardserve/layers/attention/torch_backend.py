@@ -2,7 +2,8 @@
 
 The cache is head-major, [2, kv_heads, blocks, block_size, dim] per layer, so a gather of blocks lands directly
 in SDPA's [kv_heads, len, dim] layout (no transpose copy). Decodes are attended in a few groups of similar
-length, so short sequences are not padded to the longest one. SDPA hides the log-sum-exp and has no soft-cap, so
+length, so short sequences are not padded to the longest one. On the CPU, float32/bfloat16 K/V writes and decodes
+go through the C kernels (layers.cpu.ops) in one call per layer for all sequences. SDPA hides the log-sum-exp and has no soft-cap, so
 those (return_lse=True, logits_soft_cap set) take an explicit float32 path (_explicit); the default path is SDPA's."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from shardserve.layers.attention.base import AttentionBackend, AttentionMetadata
+from shardserve.layers.cpu import ops as cpu_ops
 
 DECODE_GROUP_MIN = 8     # sequences per decode group (smaller groups cost more calls than padding saves)
 DECODE_GROUPS_MAX = 4
@@ -17,6 +19,8 @@ DECODE_GROUPS_MAX = 4
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V [tokens, kv_heads, dim] into their slots of kv_cache [2, kv_heads, blocks, bs, dim]."""
+    if cpu_ops.handles(k) and cpu_ops.write_kv_cache(k, v, kv_cache, slot_mapping):
+        return
     kv_heads, dim = k.shape[-2:]
     kv_cache[0].view(kv_heads, -1, dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
     kv_cache[1].view(kv_heads, -1, dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
@@ -136,6 +140,10 @@ class TorchAttentionBackend(AttentionBackend):
                 soft_cap: float | None = None, lse: torch.Tensor | None = None) -> None:
         """One query token per sequence, in groups of similar context length; fills out[:nd] (and lse[:nd])."""
         nd = q.shape[0]
+        if cpu_ops.handles(q) and cpu_ops.decode_attention(
+                q, out[:nd], kv_cache, meta.block_tables, meta.seq_lens_tensor, scale, window, soft_cap,
+                lse[:nd] if lse is not None else None):
+            return
         lens = meta.seq_lens[:nd]
         groups = max(1, min(DECODE_GROUPS_MAX, nd // DECODE_GROUP_MIN))
         order = sorted(range(nd), key=lens.__getitem__) if groups > 1 else list(range(nd))

@@ -1,0 +1,440 @@
+/* shardserve CPU kernels: the small-batch GEMV and the per-token ops of a decode step, so that a batch-1 step on a
+ * CPU reads its weights at memory bandwidth and does not pay a chain of small torch ops per layer.
+ *
+ * Built at first use by shardserve/layers/cpu/build.py (gcc -O3 -march=native -fopenmp), loaded with ctypes. The
+ * OpenMP runtime is the one torch already loaded (same soname), so these kernels share torch's thread pool.
+ *
+ * dtype codes: 0 = float32, 1 = bfloat16. Every kernel accumulates in float32 and rounds to the tensor dtype with
+ * round-to-nearest-even, at the same points as the torch reference ops (see shardserve/layers/cpu/ops.py). Strides
+ * are in elements; the last dim of every tensor is contiguous. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SS_AVX512 1
+#endif
+
+typedef uint16_t bf16;
+
+static inline float bf2f(bf16 h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+static inline float load1(int dt, const void *p, long i) {
+    return dt ? bf2f(((const bf16 *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store1(int dt, void *p, long i, float v) {
+    if (dt) ((bf16 *)p)[i] = f2bf(v);
+    else ((float *)p)[i] = v;
+}
+
+/* value rounded to the tensor dtype (what torch keeps after an op in that dtype) */
+static inline float round_dt(int dt, float v) { return dt ? bf2f(f2bf(v)) : v; }
+
+static void to_f32(int dt, const void *src, float *dst, long n) {
+    if (dt) {
+        const bf16 *s = (const bf16 *)src;
+        for (long i = 0; i < n; i++) dst[i] = bf2f(s[i]);
+    } else {
+        memcpy(dst, src, n * sizeof(float));
+    }
+}
+
+int ss_abi_version(void) { return 1; }
+
+int ss_has_avx512(void) {
+#ifdef SS_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * linear: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for m < M, n < N.
+ * x, w, bias and y share dtype dt; x rows at stride ldx, w rows at ldw, y rows at ldy. Meant for small M (decode):
+ * each weight row is read once from memory for all M rows of x. Rounding: the fp32 sum plus the bias, rounded once
+ * (torch's CPU GEMM accumulates in fp32 too). */
+
+#ifdef SS_AVX512
+#define MR 4   /* x rows per tile */
+#define NR 4   /* weight rows per tile */
+#define PF_TILES 2  /* software prefetch of the weights this many tiles ahead */
+
+static inline __m512 load16(int dt, const void *w, long k, __mmask16 m) {
+    if (dt) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const bf16 *)w + k);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)w + k);
+}
+
+/* the horizontal sums of a, b, c, d in one vector (fewer shuffles than four _mm512_reduce_add_ps) */
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  /* a0+a2 b0+b2 a1+a3 b1+b3 */
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  /* per 128-bit lane: a b c d */
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* out[c * NR + r] = x row c . w row r over K; x rows are fp32, zero-padded to a multiple of 16 */
+static inline __attribute__((always_inline)) void tile(int dt, int mr, const float *const *xr,
+                                                        const void *const *wr, long K, long pf, float *out) {
+    __m512 acc[MR][NR];
+    for (int c = 0; c < MR; c++)
+        for (int r = 0; r < NR; r++) acc[c][r] = _mm512_setzero_ps();
+    long k = 0;
+    size_t esz = dt ? 2 : 4;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[NR];
+        for (int r = 0; r < NR; r++) {
+            wv[r] = load16(dt, wr[r], k, 0xffff);
+            _mm_prefetch((const char *)wr[r] + (k + pf) * esz, _MM_HINT_T0);
+        }
+        for (int c = 0; c < MR; c++) {
+            if (c >= mr) break;
+            __m512 xv = _mm512_loadu_ps(xr[c] + k);
+            for (int r = 0; r < NR; r++) acc[c][r] = _mm512_fmadd_ps(xv, wv[r], acc[c][r]);
+        }
+    }
+    if (k < K) {
+        __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
+        __m512 wv[NR];
+        for (int r = 0; r < NR; r++) wv[r] = load16(dt, wr[r], k, m);
+        for (int c = 0; c < MR; c++) {
+            if (c >= mr) break;
+            __m512 xv = _mm512_loadu_ps(xr[c] + k);
+            for (int r = 0; r < NR; r++) acc[c][r] = _mm512_fmadd_ps(xv, wv[r], acc[c][r]);
+        }
+    }
+    for (int c = 0; c < mr; c++) _mm_storeu_ps(out + c * NR, hsum4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]));
+}
+
+static void tile_dispatch(int dt, int mr, const float *const *xr, const void *const *wr, long K, long pf,
+                          float *out) {
+    /* constant mr per call site, so each unrolls with its accumulators in registers */
+    switch (mr) {
+    case 1: tile(dt, 1, xr, wr, K, pf, out); break;
+    case 2: tile(dt, 2, xr, wr, K, pf, out); break;
+    case 3: tile(dt, 3, xr, wr, K, pf, out); break;
+    default: tile(dt, 4, xr, wr, K, pf, out); break;
+    }
+}
+
+#ifdef __AVX512BF16__
+/* bf16 x bf16 with VDPBF16PS: 32 weights per instruction, products exact, summed in fp32. x rows are bf16,
+ * zero-padded to a multiple of 32. */
+static inline __attribute__((always_inline)) void tile_bf16(int mr, const bf16 *const *xr, const void *const *wr,
+                                                             long K, long pf, float *out) {
+    __m512 acc[MR][NR];
+    for (int c = 0; c < MR; c++)
+        for (int r = 0; r < NR; r++) acc[c][r] = _mm512_setzero_ps();
+    long k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512i wv[NR];
+        for (int r = 0; r < NR; r++) {
+            wv[r] = _mm512_loadu_si512((const void *)((const bf16 *)wr[r] + k));
+            _mm_prefetch((const char *)((const bf16 *)wr[r] + k + pf), _MM_HINT_T0);
+        }
+        for (int c = 0; c < MR; c++) {
+            if (c >= mr) break;
+            __m512i xv = _mm512_loadu_si512((const void *)(xr[c] + k));
+            for (int r = 0; r < NR; r++)
+                acc[c][r] = _mm512_dpbf16_ps(acc[c][r], (__m512bh)xv, (__m512bh)wv[r]);
+        }
+    }
+    if (k < K) {
+        __mmask32 m = (__mmask32)((1u << (K - k)) - 1u);
+        __m512i wv[NR];
+        for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_epi16(m, (const bf16 *)wr[r] + k);
+        for (int c = 0; c < MR; c++) {
+            if (c >= mr) break;
+            __m512i xv = _mm512_loadu_si512((const void *)(xr[c] + k));
+            for (int r = 0; r < NR; r++)
+                acc[c][r] = _mm512_dpbf16_ps(acc[c][r], (__m512bh)xv, (__m512bh)wv[r]);
+        }
+    }
+    for (int c = 0; c < mr; c++) _mm_storeu_ps(out + c * NR, hsum4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]));
+}
+
+static void tile_bf16_dispatch(int mr, const bf16 *const *xr, const void *const *wr, long K, long pf, float *out) {
+    switch (mr) {
+    case 1: tile_bf16(1, xr, wr, K, pf, out); break;
+    case 2: tile_bf16(2, xr, wr, K, pf, out); break;
+    case 3: tile_bf16(3, xr, wr, K, pf, out); break;
+    default: tile_bf16(4, xr, wr, K, pf, out); break;
+    }
+}
+#define SS_DPBF16 1
+#endif
+#endif
+
+void ss_linear(int dt, const void *x, long ldx, const void *w, long ldw, const void *bias, void *y, long ldy,
+               long M, long N, long K, int nthreads) {
+    long kp = (K + 31) & ~31L;
+    float *xf = (float *)aligned_alloc(64, (size_t)(M * kp) * sizeof(float));
+    if (!xf) return;
+    size_t esz = dt ? 2 : 4;
+#ifdef SS_DPBF16
+    bf16 *xb = (bf16 *)xf;  /* bf16 rows of kp elements in the same buffer */
+    if (dt)
+        for (long m = 0; m < M; m++) {
+            memcpy(xb + m * kp, (const char *)x + m * ldx * esz, (size_t)K * esz);
+            memset(xb + m * kp + K, 0, (size_t)(kp - K) * esz);
+        }
+    else
+#endif
+    for (long m = 0; m < M; m++) {
+        to_f32(dt, (const char *)x + m * ldx * esz, xf + m * kp, K);
+        memset(xf + m * kp + K, 0, (size_t)(kp - K) * sizeof(float));
+    }
+#ifdef SS_AVX512
+    long nblocks = (N + NR - 1) / NR;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && N >= 256)
+    for (long nb = 0; nb < nblocks; nb++) {
+        long n0 = nb * NR;
+        const void *wr[NR];
+        for (int r = 0; r < NR; r++) {
+            long n = n0 + r < N ? n0 + r : N - 1;  /* a short last block recomputes row N-1, not stored */
+            wr[r] = (const char *)w + n * ldw * esz;
+        }
+        for (long m0 = 0; m0 < M; m0 += MR) {
+            int mr = (int)(M - m0 < MR ? M - m0 : MR);
+            float out[MR * NR];
+#ifdef SS_DPBF16
+            if (dt) {
+                const bf16 *xbr[MR];
+                for (int c = 0; c < MR; c++) xbr[c] = xb + (m0 + (c < mr ? c : 0)) * kp;
+                tile_bf16_dispatch(mr, xbr, wr, K, m0 == 0 ? PF_TILES * NR * ldw : 0, out);
+            } else
+#endif
+            {
+                const float *xr[MR];
+                for (int c = 0; c < MR; c++) xr[c] = xf + (m0 + (c < mr ? c : 0)) * kp;
+                tile_dispatch(dt, mr, xr, wr, K, m0 == 0 ? PF_TILES * NR * ldw : 0, out);
+            }
+            for (int c = 0; c < mr; c++)
+                for (int r = 0; r < NR && n0 + r < N; r++) {
+                    float v = out[c * NR + r];
+                    if (bias) v += load1(dt, bias, n0 + r);
+                    store1(dt, (char *)y + (m0 + c) * ldy * esz, n0 + r, v);
+                }
+        }
+    }
+#else
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && N >= 256)
+    for (long n = 0; n < N; n++) {
+        const char *wrow = (const char *)w + n * ldw * esz;
+        for (long m = 0; m < M; m++) {
+            const float *xm = xf + m * kp;
+            float s = 0.f;
+            if (dt) {
+                const bf16 *wb = (const bf16 *)wrow;
+#pragma omp simd reduction(+ : s)
+                for (long k = 0; k < K; k++) s += xm[k] * bf2f(wb[k]);
+            } else {
+                const float *wf = (const float *)wrow;
+#pragma omp simd reduction(+ : s)
+                for (long k = 0; k < K; k++) s += xm[k] * wf[k];
+            }
+            float v = s;
+            if (bias) v += load1(dt, bias, n);
+            store1(dt, (char *)y + m * ldy * esz, n, v);
+        }
+    }
+#endif
+    free(xf);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * rms_norm over rows of H: with res (fused add): s = round(x + res), res_out = s; then
+ * out = round(w * round(s * rsqrt(mean(s^2) + eps))) -- RMSNorm._norm's order (normalise in fp32, cast, weight). */
+void ss_rms_norm(int dt, const void *x, long ldx, const void *res, long ldr, const void *w, void *out, long ldo,
+                 void *res_out, long ldro, long T, long H, float eps, int nthreads) {
+    size_t esz = dt ? 2 : 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && T >= 32)
+    for (long t = 0; t < T; t++) {
+        const char *xt = (const char *)x + t * ldx * esz;
+        float *s = (float *)malloc((size_t)H * sizeof(float));
+        if (!s) continue;
+        for (long i = 0; i < H; i++) s[i] = load1(dt, xt, i);
+        if (res) {
+            const char *rt = (const char *)res + t * ldr * esz;
+            char *rot = (char *)res_out + t * ldro * esz;
+            for (long i = 0; i < H; i++) {
+                s[i] = round_dt(dt, s[i] + load1(dt, rt, i));
+                store1(dt, rot, i, s[i]);
+            }
+        }
+        float ss = 0.f;
+        for (long i = 0; i < H; i++) ss += s[i] * s[i];
+        float r = 1.0f / sqrtf(ss / (float)H + eps);
+        char *ot = (char *)out + t * ldo * esz;
+        for (long i = 0; i < H; i++) store1(dt, ot, i, load1(dt, w, i) * round_dt(dt, s[i] * r));
+        free(s);
+    }
+}
+
+/* silu_and_mul: x [T, 2I] = [gate | up] -> out [T, I] = round(round(silu(gate)) * up) */
+void ss_silu_and_mul(int dt, const void *x, long ldx, void *out, long ldo, long T, long I, int nthreads) {
+    size_t esz = dt ? 2 : 4;
+    long total = T * I;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && total >= 16384)
+    for (long t = 0; t < T; t++) {
+        const char *xt = (const char *)x + t * ldx * esz;
+        char *ot = (char *)out + t * ldo * esz;
+        for (long i = 0; i < I; i++) {
+            float g = load1(dt, xt, i);
+            float a = round_dt(dt, g / (1.0f + expf(-g)));
+            store1(dt, ot, i, a * load1(dt, xt, I + i));
+        }
+    }
+}
+
+/* rotary (neox, rotate-half) of q [T, Hq, D] and k [T, Hk, D] (token and head strides given) into contiguous
+ * qo [T, Hq, D] and ko [T, Hk, D]; cos/sin [P, D] float32 rows picked by pos[t]; fp32 math, one rounding. */
+static void rotate_rows(int dt, const void *x, long st, long sh, long H, void *o, long T, long D,
+                        const int64_t *pos, const float *cosc, const float *sinc) {
+    size_t esz = dt ? 2 : 4;
+    long half = D / 2;
+    for (long t = 0; t < T; t++) {
+        const float *c = cosc + pos[t] * D, *s = sinc + pos[t] * D;
+        for (long h = 0; h < H; h++) {
+            const char *xr = (const char *)x + (t * st + h * sh) * esz;
+            char *orow = (char *)o + (t * H + h) * D * esz;
+            for (long i = 0; i < half; i++) {
+                float a = load1(dt, xr, i), b = load1(dt, xr, i + half);
+                store1(dt, orow, i, a * c[i] - b * s[i]);
+                store1(dt, orow, i + half, b * c[i + half] + a * s[i + half]);
+            }
+        }
+    }
+}
+
+/* returns the number of positions outside [0, P) (then nothing is written) */
+long ss_rotary(int dt, const void *q, long sqt, long sqh, long Hq, const void *k, long skt, long skh, long Hk,
+               void *qo, void *ko, const int64_t *pos, const float *cosc, const float *sinc, long P, long T, long D) {
+    long bad = 0;
+    for (long t = 0; t < T; t++) bad += pos[t] < 0 || pos[t] >= P;
+    if (bad) return bad;
+    rotate_rows(dt, q, sqt, sqh, Hq, qo, T, D, pos, cosc, sinc);
+    rotate_rows(dt, k, skt, skh, Hk, ko, T, D, pos, cosc, sinc);
+    return 0;
+}
+
+/* write_kv: cache [2, Hk, S, D] (S = blocks * block_size slots, contiguous); k, v [T, Hk, D] with strides;
+ * slot of token t = slots[t] (a negative slot is skipped: a padding token). */
+void ss_write_kv(int dt, const void *k, long skt, long skh, const void *v, long svt, long svh, void *cache, long Hk,
+                 long S, long D, const int64_t *slots, long T) {
+    size_t esz = dt ? 2 : 4;
+    char *kc = (char *)cache, *vc = (char *)cache + (size_t)(Hk * S * D) * esz;
+    for (long t = 0; t < T; t++) {
+        int64_t slot = slots[t];
+        if (slot < 0 || slot >= S) continue;
+        for (long h = 0; h < Hk; h++) {
+            size_t off = (size_t)((h * S + slot) * D) * esz;
+            memcpy(kc + off, (const char *)k + (t * skt + h * skh) * esz, (size_t)D * esz);
+            memcpy(vc + off, (const char *)v + (t * svt + h * svh) * esz, (size_t)D * esz);
+        }
+    }
+}
+
+/* decode_attention: one query token per sequence over its paged context.
+ * q [Sq, Hq, D] (strides sqs, sqh); out [Sq, Hq, D] contiguous; cache [2, Hk, NB, BS, D]; tables [Sq, ldt] block ids;
+ * lens[s] = context length (the query is the token at position lens[s] - 1). Query head h reads KV head h / (Hq/Hk).
+ * Key j is attended when j < len and, with window > 0, j > len - 1 - window. Scores s = q.k * scale, then
+ * softcap * tanh(s / softcap) when softcap > 0; lse (float32 [Sq, Hq], may be NULL) = log sum exp(s). */
+/* returns the number of block ids or lengths out of range (then nothing is computed) */
+long ss_decode_attention(int dt, const void *q, long sqs, long sqh, void *out, const void *cache, long Hk, long NB,
+                         long BS, long D, const int64_t *tables, long ldt, const int64_t *lens, long Sq, long Hq,
+                         float scale, long window, float softcap, float *lse, int nthreads) {
+    size_t esz = dt ? 2 : 4;
+    long bad = 0;
+    for (long s = 0; s < Sq; s++) {
+        if (lens[s] < 0 || lens[s] > ldt * BS) { bad++; continue; }
+        for (long b = 0; b < (lens[s] + BS - 1) / BS; b++) bad += tables[s * ldt + b] < 0 || tables[s * ldt + b] >= NB;
+    }
+    if (bad) return bad;
+    long G = Hq / Hk;
+    const char *kc = (const char *)cache, *vc = (const char *)cache + (size_t)(Hk * NB * BS * D) * esz;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && Sq * Hk > 1)
+    for (long task = 0; task < Sq * Hk; task++) {
+        long s = task / Hk, hk = task % Hk;
+        long L = lens[s];
+        long start = window > 0 && L - window > 0 ? L - window : 0;
+        long n = L - start;
+        float *qf = (float *)malloc((size_t)(G * D + G * (n > 0 ? n : 1) + G * D) * sizeof(float));
+        if (!qf) continue;
+        float *sc = qf + G * D, *acc = sc + G * (n > 0 ? n : 1);
+        for (long g = 0; g < G; g++)
+            to_f32(dt, (const char *)q + (s * sqs + (hk * G + g) * sqh) * esz, qf + g * D, D);
+        const int64_t *tab = tables + s * ldt;
+        for (long j = start; j < L; j++) {
+            size_t off = (size_t)(((hk * NB + tab[j / BS]) * BS + j % BS) * D) * esz;
+            const char *kp = kc + off;
+            for (long g = 0; g < G; g++) {
+                const float *qg = qf + g * D;
+                float d = 0.f;
+                if (dt) {
+                    const bf16 *kb = (const bf16 *)kp;
+#pragma omp simd reduction(+ : d)
+                    for (long i = 0; i < D; i++) d += qg[i] * bf2f(kb[i]);
+                } else {
+                    const float *kf = (const float *)kp;
+#pragma omp simd reduction(+ : d)
+                    for (long i = 0; i < D; i++) d += qg[i] * kf[i];
+                }
+                d *= scale;
+                if (softcap > 0.f) d = softcap * tanhf(d / softcap);
+                sc[g * n + (j - start)] = d;
+            }
+        }
+        for (long g = 0; g < G; g++) {
+            float *sg = sc + g * n, mx = -INFINITY, sum = 0.f;
+            for (long j = 0; j < n; j++) mx = sg[j] > mx ? sg[j] : mx;
+            for (long j = 0; j < n; j++) {
+                sg[j] = expf(sg[j] - mx);
+                sum += sg[j];
+            }
+            float inv = sum > 0.f ? 1.0f / sum : 0.f;
+            float *ag = acc + g * D;
+            memset(ag, 0, (size_t)D * sizeof(float));
+            for (long j = 0; j < n; j++) {
+                long pos = start + j;
+                size_t off = (size_t)(((hk * NB + tab[pos / BS]) * BS + pos % BS) * D) * esz;
+                float p = sg[j] * inv;
+                if (dt) {
+                    const bf16 *vb = (const bf16 *)(vc + off);
+#pragma omp simd
+                    for (long i = 0; i < D; i++) ag[i] += p * bf2f(vb[i]);
+                } else {
+                    const float *vf = (const float *)(vc + off);
+#pragma omp simd
+                    for (long i = 0; i < D; i++) ag[i] += p * vf[i];
+                }
+            }
+            char *orow = (char *)out + ((s * Hq + hk * G + g) * D) * esz;
+            for (long i = 0; i < D; i++) store1(dt, orow, i, ag[i]);
+            if (lse) lse[s * Hq + hk * G + g] = n > 0 ? mx + logf(sum) : -INFINITY;
+        }
+        free(qf);
+    }
+    return 0;
+}

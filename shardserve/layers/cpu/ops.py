@@ -1,0 +1,169 @@
+"""The CPU kernels (kernels.c) behind torch-shaped calls: the per-token layers with the same names and results as the
+Triton module (layers.fused_kernels: rms_norm, fused_add_rms_norm, silu_and_mul, rotary_embedding; fresh outputs),
+a small-batch `linear`, and the paged decode-attention pieces (write_kv_cache, decode_attention).
+
+Why: a batch-1 decode step on a CPU is ~120 GEMVs that must stream the weights at memory bandwidth, plus ~30 small
+ops per layer that each cost a torch dispatch. torch's bf16 GEMV runs far below bandwidth on CPUs without AMX
+(12-15 GB/s against ~23 GB/s here: bf16 was slower than fp32), and the small ops were half of a step. Here each
+per-token op is one call, and `linear` converts bf16 weights on the fly at bandwidth.
+
+Rounding follows the torch reference of each layer (see kernels.c), so parity holds within the same tolerances as
+the reference ops: fp32 to ~1e-6 relative, bf16 within an ulp or two. SHARDSERVE_CPU_KERNELS=0 turns them off."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from shardserve.layers.cpu import build
+
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# Largest row count `linear` takes (more rows: torch's GEMM, which reuses each weight tile across rows and wins).
+# Measured on a 2-core AVX-512/BF16 Xeon streaming the 121 weight matrices of SmolLM2-135M (docs/benchmarks.md):
+# fp32 17.1 ms vs torch 17.7 at 1 row, 30.8 vs 43.8 at 8, 54.9 vs 44.3 at 16; bf16 8.9 vs 19.9 at 1 row,
+# 19.1 vs 20.3 at 8, 34.7 vs 21.1 at 16.
+LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 8}
+
+
+def _mode() -> str:
+    mode = os.environ.get("SHARDSERVE_CPU_KERNELS", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"SHARDSERVE_CPU_KERNELS={mode!r}; use auto, 0 or 1")
+    return mode
+
+
+def available() -> bool:
+    """Whether the kernels are on (not switched off) and built."""
+    return _mode() != "0" and build.load() is not None
+
+
+def handles(x: torch.Tensor) -> bool:
+    """Whether x is a tensor these kernels take: on the CPU, float32 or bfloat16, and the kernels available."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and available()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last] with a unit last stride (a view where possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _same_dtype(*tensors: torch.Tensor) -> None:
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise ValueError(f"CPU kernels need one dtype, got {sorted(str(d) for d in dtypes)}")
+
+
+# --- linear --------------------------------------------------------------------------------------------------------
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); a small number of rows on the CPU goes through the bandwidth-bound kernel."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (not 0 < rows <= LINEAR_MAX_ROWS.get(x.dtype, 0) or weight.dtype != x.dtype or x.device.type != "cpu"
+            or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype) or not available()):
+        return F.linear(x, weight, bias)
+    x2 = _rows(x)
+    n, k = weight.shape
+    y = x2.new_empty(rows, n)
+    if bias is not None:
+        bias = bias.contiguous()
+    build.load().ss_linear(DTYPES[x.dtype], x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0),
+                           bias.data_ptr() if bias is not None else None, y.data_ptr(), n, rows, n, k, _threads())
+    return y.view(*x.shape[:-1], n)
+
+
+# --- the per-token layers (the Triton module's API) -----------------------------------------------------------------
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    _same_dtype(x, weight, *([residual] if residual is not None else []))
+    x2 = _rows(x)
+    out = torch.empty(x2.shape, dtype=x.dtype)
+    r2 = _rows(residual) if residual is not None else None
+    res_out = torch.empty(x2.shape, dtype=x.dtype) if residual is not None else None
+    build.load().ss_rms_norm(DTYPES[x.dtype], x2.data_ptr(), x2.stride(0),
+                             r2.data_ptr() if r2 is not None else None, r2.stride(0) if r2 is not None else 0,
+                             weight.contiguous().data_ptr(), out.data_ptr(), out.stride(0),
+                             res_out.data_ptr() if res_out is not None else None, x2.shape[1],
+                             x2.shape[0], x2.shape[1], eps, _threads())
+    if res_out is None:
+        return out.view(x.shape)
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _norm(x, None, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual), fresh tensors."""
+    return _norm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    x2 = _rows(x)
+    inter = x2.shape[1] // 2
+    out = torch.empty(x2.shape[0], inter, dtype=x.dtype)
+    build.load().ss_silu_and_mul(DTYPES[x.dtype], x2.data_ptr(), x2.stride(0), out.data_ptr(), inter,
+                                 x2.shape[0], inter, _threads())
+    return out.view(*x.shape[:-1], inter)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
+                     sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [tokens, heads, dim], k [tokens, kv_heads, dim] (strided views allowed, unit last stride) → rotated fresh
+    contiguous copies; cos/sin float32 rows picked by position."""
+    _same_dtype(q, k)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    tokens, heads, dim = q.shape
+    pos = positions if positions.dtype == torch.int64 and positions.is_contiguous() else \
+        positions.to(torch.int64).contiguous()
+    cos, sin = cos_cache.float().contiguous(), sin_cache.float().contiguous()
+    qo, ko = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+    bad = build.load().ss_rotary(DTYPES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), heads, k.data_ptr(),
+                                 k.stride(0), k.stride(1), k.shape[1], qo.data_ptr(), ko.data_ptr(), pos.data_ptr(),
+                                 cos.data_ptr(), sin.data_ptr(), cos.shape[0], tokens, dim)
+    if bad:
+        raise IndexError(f"{bad} rotary position(s) outside [0, {cos.shape[0]}) (max_position_embeddings)")
+    return qo, ko
+
+
+# --- paged attention, decode ----------------------------------------------------------------------------------------
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """K/V [tokens, kv_heads, dim] into their slots of kv_cache [2, kv_heads, blocks, block_size, dim]; False when
+    the inputs are not ones the kernel takes (the caller then uses torch ops)."""
+    if not (kv_cache.dtype == k.dtype == v.dtype and kv_cache.is_contiguous() and k.stride(-1) == 1
+            and v.stride(-1) == 1 and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()):
+        return False
+    kv_heads, blocks, block_size, dim = kv_cache.shape[1:]
+    build.load().ss_write_kv(DTYPES[k.dtype], k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
+                             v.stride(1), kv_cache.data_ptr(), kv_heads, blocks * block_size, dim,
+                             slot_mapping.data_ptr(), k.shape[0])
+    return True
+
+
+def decode_attention(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, window: int | None, soft_cap: float | None,
+                     lse: torch.Tensor | None) -> bool:
+    """Attention of one query per sequence, q [seqs, heads, dim], over its paged context, into out [seqs, heads,
+    dim] (contiguous) and lse [seqs, heads] float32 when given; False when the kernel does not take these inputs."""
+    if not (kv_cache.dtype == q.dtype == out.dtype and kv_cache.is_contiguous() and out.is_contiguous()
+            and q.stride(-1) == 1 and block_tables.dtype == seq_lens.dtype == torch.int64
+            and block_tables.is_contiguous() and seq_lens.is_contiguous()
+            and (lse is None or (lse.dtype == torch.float32 and lse.is_contiguous()))):
+        return False
+    seqs, heads, dim = q.shape
+    kv_heads, blocks, block_size = kv_cache.shape[1:4]
+    bad = build.load().ss_decode_attention(
+        DTYPES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), kv_cache.data_ptr(), kv_heads,
+        blocks, block_size, dim, block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), seqs, heads,
+        scale, window or 0, soft_cap or 0.0, lse.data_ptr() if lse is not None else None, _threads())
+    if bad:
+        raise IndexError(f"{bad} block id(s) or length(s) outside the KV cache in a decode step")
+    return True
