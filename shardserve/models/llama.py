@@ -9,6 +9,8 @@ from torch import nn
 
 from shardserve.layers.activation import get_act_fn
 from shardserve.layers.attention import Attention, AttentionBackend, AttentionMetadata
+from shardserve.layers.cpu.decode_layer import FusedDecodeLayer
+from shardserve.layers.cpu.decode_layer import supports as supports_fused, usable as fused_usable
 from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.layers.lazy_tensor import LazyTensor
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -75,8 +77,13 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, shard, dtype)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
+        self._fused: FusedDecodeLayer | None | bool = False  # False: not decided yet; None: not supported
 
     def forward(self, positions, x, residual, kv_cache, meta):
+        if self._fused is False:
+            self._fused = FusedDecodeLayer(self) if supports_fused(self) else None
+        if self._fused is not None and kv_cache.dtype == x.dtype and fused_usable(x, meta):
+            return self._fused(positions, x, residual, kv_cache, meta)
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:

@@ -438,3 +438,83 @@ long ss_decode_attention(int dt, const void *q, long sqs, long sqh, void *out, c
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * A decode step's layer as two calls (the tensor-parallel all-reduces fall between and after them): the same kernels
+ * as above in the same order, with every intermediate rounded to the dtype as the per-op path rounds it, so the
+ * fused layer gives the per-op layer's results bit for bit. All T tokens are decodes (one per sequence). */
+
+struct ss_attn_weights {  /* fields are 8 bytes each, mirrored by ctypes in decode_layer.py */
+    const void *norm_w;
+    double eps;
+    int64_t hidden;
+    const void *qkv_w, *qkv_b;
+    int64_t heads, kv_heads, head_dim;
+    const void *q_norm_w, *k_norm_w;  /* per-head RMSNorm of q and k (Qwen3), or NULL */
+    double qk_eps;
+    const float *cos, *sin;
+    int64_t max_pos;
+    double scale;
+    int64_t window;
+    double softcap;
+    const void *o_w;
+    int64_t o_ldw;
+};
+
+/* h = norm(x (+ residual)), residual <- x (+ residual); out [T, hidden] = o_proj(attention(rope(qkv_proj(h))));
+ * has_res = 0: residual <- x. Returns the count of out-of-range positions/block ids (then out is not written). */
+long ss_attn_block(const struct ss_attn_weights *w, int dt, const void *x, void *residual, int has_res, void *out,
+                   void *kv_cache, int64_t blocks, int64_t block_size, const int64_t *pos, const int64_t *slots,
+                   const int64_t *tables, int64_t ldt, const int64_t *lens, int64_t T, int nthreads) {
+    size_t esz = dt ? 2 : 4;
+    long H = w->hidden, D = w->head_dim, nq = w->heads * D, nkv = w->kv_heads * D, width = nq + 2 * nkv;
+    char *buf = (char *)malloc((size_t)(T * (H + width + 2 * nq + nkv)) * esz);
+    if (!buf) return -1;
+    char *h = buf, *qkv = h + T * H * esz, *q = qkv + T * width * esz, *k = q + T * nq * esz,
+         *att = k + T * nkv * esz;
+    if (!has_res) memcpy(residual, x, (size_t)(T * H) * esz);
+    ss_rms_norm(dt, has_res ? x : residual, H, has_res ? residual : NULL, H, w->norm_w, h, H, residual, H, T, H,
+                (float)w->eps, nthreads);
+    ss_linear(dt, h, H, w->qkv_w, H, w->qkv_b, qkv, width, T, width, H, nthreads);
+    if (w->q_norm_w)
+        for (long t = 0; t < T; t++) {
+            char *row = qkv + t * width * esz;
+            ss_rms_norm(dt, row, D, NULL, 0, w->q_norm_w, row, D, NULL, 0, w->heads, D, (float)w->qk_eps, 1);
+            ss_rms_norm(dt, row + nq * esz, D, NULL, 0, w->k_norm_w, row + nq * esz, D, NULL, 0, w->kv_heads, D,
+                        (float)w->qk_eps, 1);
+        }
+    long bad = ss_rotary(dt, qkv, width, D, w->heads, qkv + nq * esz, width, D, w->kv_heads, q, k, pos, w->cos,
+                         w->sin, w->max_pos, T, D);
+    if (!bad) {
+        ss_write_kv(dt, k, nkv, D, qkv + (nq + nkv) * esz, width, D, kv_cache, w->kv_heads, blocks * block_size, D,
+                    slots, T);
+        bad = ss_decode_attention(dt, q, nq, D, att, kv_cache, w->kv_heads, blocks, block_size, D, tables, ldt, lens,
+                                  T, w->heads, (float)w->scale, w->window, (float)w->softcap, NULL, nthreads);
+    }
+    if (!bad) ss_linear(dt, att, nq, w->o_w, w->o_ldw, NULL, out, H, T, H, nq, nthreads);
+    free(buf);
+    return bad;
+}
+
+struct ss_mlp_weights {
+    const void *norm_w;
+    double eps;
+    int64_t hidden, inter;  /* inter: this rank's intermediate size */
+    const void *gate_up_w, *down_w;
+};
+
+/* h = norm(x + residual), residual <- x + residual; out [T, hidden] = down(silu(gate(h)) * up(h)) */
+long ss_mlp_block(const struct ss_mlp_weights *w, int dt, const void *x, void *residual, void *out, int64_t T,
+                  int nthreads) {
+    size_t esz = dt ? 2 : 4;
+    long H = w->hidden, I = w->inter;
+    char *buf = (char *)malloc((size_t)(T * (H + 3 * I)) * esz);
+    if (!buf) return -1;
+    char *h = buf, *gu = h + T * H * esz, *a = gu + T * 2 * I * esz;
+    ss_rms_norm(dt, x, H, residual, H, w->norm_w, h, H, residual, H, T, H, (float)w->eps, nthreads);
+    ss_linear(dt, h, H, w->gate_up_w, H, NULL, gu, 2 * I, T, 2 * I, H, nthreads);
+    ss_silu_and_mul(dt, gu, 2 * I, a, I, T, I, nthreads);
+    ss_linear(dt, a, I, w->down_w, I, NULL, out, H, T, H, I, nthreads);
+    free(buf);
+    return 0;
+}

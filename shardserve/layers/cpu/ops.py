@@ -33,6 +33,12 @@ def _mode() -> str:
     return mode
 
 
+def fused_on() -> bool:
+    """Whether fused kernels are left on (SHARDSERVE_FUSED_KERNELS=auto, the default): =0 turns every fused kernel
+    off, =1 forces the Triton ones on every device, which the C kernels must then not replace."""
+    return os.environ.get("SHARDSERVE_FUSED_KERNELS", "auto") == "auto"
+
+
 def available() -> bool:
     """Whether the kernels are on (not switched off) and built."""
     return _mode() != "0" and build.load() is not None
