@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -207,8 +208,18 @@ void ss_linear(int dt, const void *x, long ldx, const void *w, long ldw, const v
     }
 #ifdef SS_AVX512
     long nblocks = (N + NR - 1) / NR;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && N >= 256)
-    for (long nb = 0; nb < nblocks; nb++) {
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && N >= 256)
+    {
+    /* contiguous row blocks per thread, each a sequential stream; its first tiles are prefetched up front (the
+     * prefetch in the tile loop runs PF_TILES tiles ahead, so they would otherwise start cold) */
+    long nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    long b0 = nblocks * tid / nt, b1 = nblocks * (tid + 1) / nt;
+    long warm_rows = (b1 - b0) * NR < PF_TILES * NR ? (b1 - b0) * NR : PF_TILES * NR;
+    if (b0 * NR + warm_rows > N) warm_rows = N - b0 * NR;
+    const char *first = (const char *)w + b0 * NR * ldw * esz;
+    for (long r = 0; r < warm_rows; r++)
+        for (long off = 0; off < K * (long)esz; off += 64) _mm_prefetch(first + (r * ldw) * esz + off, _MM_HINT_T0);
+    for (long nb = b0; nb < b1; nb++) {
         long n0 = nb * NR;
         const void *wr[NR];
         for (int r = 0; r < NR; r++) {
@@ -237,6 +248,7 @@ void ss_linear(int dt, const void *x, long ldx, const void *w, long ldw, const v
                     store1(dt, (char *)y + (m0 + c) * ldy * esz, n0 + r, v);
                 }
         }
+    }
     }
 #else
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && N >= 256)
@@ -374,7 +386,9 @@ long ss_decode_attention(int dt, const void *q, long sqs, long sqh, void *out, c
     if (bad) return bad;
     long G = Hq / Hk;
     const char *kc = (const char *)cache, *vc = (const char *)cache + (size_t)(Hk * NB * BS * D) * esz;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && Sq * Hk > 1)
+    long keys = 0;  /* below ~64K multiply-adds a parallel region costs more than it saves */
+    for (long s = 0; s < Sq; s++) keys += lens[s];
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && Sq * Hk > 1 && keys * Hq * D >= 65536)
     for (long task = 0; task < Sq * Hk; task++) {
         long s = task / Hk, hk = task % Hk;
         long L = lens[s];
