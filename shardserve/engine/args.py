@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, fields
 
 from shardserve.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig,
                                SchedulerConfig, resolve_device)
 from shardserve.executor.factory import executor_help, executor_names
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +59,16 @@ class EngineArgs:
     def from_cli(cls, ns: argparse.Namespace) -> "EngineArgs":
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
 
+    def resolve_dtype(self, device: str):
+        """--dtype, except `auto` on the CPU: bf16 where the CPU has native bf16, else fp32 (said at start-up)."""
+        if self.dtype != "auto" or device != "cpu":
+            return self.dtype
+        from shardserve.layers.cpu.auto_dtype import cpu_auto_dtype
+        dtype, why = cpu_auto_dtype()
+        name = str(dtype).replace("torch.", "")
+        logger.info("--dtype auto on CPU: %s (%s); pass --dtype float32 or bfloat16 to choose", name, why)
+        return dtype
+
     def resolve_model(self, progress: bool = True) -> str:
         if self.model:
             return self.model
@@ -63,7 +76,8 @@ class EngineArgs:
         return str(builtin_model_path())
 
     def create_config(self, progress: bool = True) -> EngineConfig:
-        model = ModelConfig.from_path(self.resolve_model(progress), self.dtype, self.max_model_len,
+        device = resolve_device(self.device)
+        model = ModelConfig.from_path(self.resolve_model(progress), self.resolve_dtype(device), self.max_model_len,
                                       self.tokenizer, self.seed)
         model.skip_tokenizer_init = bool(self.skip_tokenizer_init)
         return EngineConfig(
@@ -77,7 +91,7 @@ class EngineArgs:
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.enable_chunked_prefill),
-            device=resolve_device(self.device),
+            device=device,
             runner=RunnerConfig(self.enforce_eager, self.max_graph_batch_size))
 
     @staticmethod
@@ -93,7 +107,8 @@ class EngineArgs:
                             "outputs carry token ids and empty text, stop strings are refused (use stop token ids) "
                             "and EOS ids come from generation_config.json / config.json only")
         g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weight and activation dtype; auto = the checkpoint's torch_dtype")
+                       help="weight and activation dtype; auto = the checkpoint's torch_dtype on GPU, and on CPU "
+                            "bfloat16 where the CPU has native bf16 (AVX512_BF16/AMX/Arm BF16), else float32")
         g.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
         g.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + output served (default and maximum: max_position_embeddings)")
