@@ -9,7 +9,7 @@ from torch import nn
 
 from shardserve.layers.activation import get_act_fn
 from shardserve.layers.attention import Attention, AttentionBackend, AttentionMetadata
-from shardserve.layers.cpu.decode_layer import FusedDecodeLayer
+from shardserve.layers.cpu.decode_layer import FusedDecodeLayer, FusedDecodeStack
 from shardserve.layers.cpu.decode_layer import supports as supports_fused, usable as fused_usable
 from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.layers.lazy_tensor import LazyTensor
@@ -121,6 +121,7 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head.tie_to(self.model.embed_tokens)
         else:
             self.lm_head = PPMissingLayer()
+        self._decode_stack: FusedDecodeStack | None | bool = False  # False: not built yet; None: not supported
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, intermediate: IntermediateTensors | None = None):
@@ -130,14 +131,28 @@ class LlamaForCausalLM(nn.Module):
             x, residual = self.model.embed_tokens(input_ids), None
         else:
             x, residual = intermediate["hidden_states"], intermediate["residual"]
-        for j, i in enumerate(range(self.shard.start_layer, self.shard.end_layer)):
-            x, residual = self.model.layers[i](positions, x, residual, kv_caches[j], meta)
+        stack = self._decode_stack_for(x, kv_caches, meta)
+        if stack is not None:  # a pure-decode step on CPU: all layers in one C call (layers/cpu/decode_layer.py)
+            x, residual = stack(positions, x, residual, kv_caches, meta)
+        else:
+            for j, i in enumerate(range(self.shard.start_layer, self.shard.end_layer)):
+                x, residual = self.model.layers[i](positions, x, residual, kv_caches[j], meta)
         if not self.shard.is_last_stage:
             return {"hidden_states": x, "residual": residual}
         if residual is None:  # a last stage that holds no decoder layer
             return self.model.norm(x)
         x, _ = self.model.norm(x, residual)
         return x
+
+    def _decode_stack_for(self, x: torch.Tensor, kv_caches: list[torch.Tensor],
+                          meta: AttentionMetadata) -> FusedDecodeStack | None:
+        if self._decode_stack is False:
+            layers = [self.model.layers[i] for i in range(self.shard.start_layer, self.shard.end_layer)]
+            self._decode_stack = FusedDecodeStack([FusedDecodeLayer(layer) for layer in layers]) \
+                if FusedDecodeStack.supports(layers) else None
+        if self._decode_stack is None or not fused_usable(x, meta) or kv_caches[0].dtype != x.dtype:
+            return None
+        return self._decode_stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [tokens, vocab]
@@ -162,6 +177,7 @@ class LlamaForCausalLM(nn.Module):
         return True
 
     def load_weights(self, weights: Iterable[tuple[str, LazyTensor]]) -> set[str]:
+        self._decode_stack = False  # rebuilt from the new weights at the next decode step
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:

@@ -231,3 +231,31 @@ def test_the_fused_layer_is_taken_only_for_small_pure_decode_steps(monkeypatch):
     monkeypatch.setenv("SHARDSERVE_FUSED_KERNELS", "auto")
     monkeypatch.setenv("SHARDSERVE_CPU_KERNELS", "0")
     assert not usable(x, meta)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["llama", "qwen3_qk_norm", "qwen2_bias_window"])
+def test_the_one_call_decode_stack_equals_the_per_op_model_bit_for_bit(dtype, name):
+    from shardserve.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+    cls = {"llama": LlamaForCausalLM, "qwen3_qk_norm": Qwen3ForCausalLM, "qwen2_bias_window": Qwen2ForCausalLM}[name]
+    cfg = dict(LAYER_CFGS[name], rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0,
+               num_hidden_layers=3, vocab_size=120, attention_bias=name.startswith("qwen2"))
+    model = cls(cfg, ModelShard.whole(3), TorchAttentionBackend(), dtype)
+    for i, p in enumerate(model.parameters()):
+        p.data.copy_(_rand(*p.shape, dtype=dtype, seed=40 + i, scale=0.2) + (1.0 if p.dim() == 1 else 0.0))
+    a = model.model.layers[0].self_attn
+    lens = [9, 1, 30, 4]
+    caches, tables = zip(*(random_paged_cache(lens, a.num_kv_heads, a.head_dim, 4, dtype, "cpu", _g(50 + j))
+                           for j in range(3)))
+    meta = _decode_meta(lens, tables[0], 4)
+    ids, positions = torch.tensor([5, 17, 99, 3]), torch.tensor([n - 1 for n in lens])
+    stack_caches, op_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    with torch.inference_mode():
+        got = model(ids, positions, stack_caches, meta)
+        assert model._decode_stack not in (None, False)  # the one-call path was taken
+        model._decode_stack = None
+        for layer in model.model.layers:
+            layer._fused = None
+        want = model(ids, positions, op_caches, meta)
+    assert all(torch.equal(s, o) for s, o in zip(stack_caches, op_caches))
+    assert torch.equal(got, want)

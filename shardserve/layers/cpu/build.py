@@ -28,7 +28,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-f
 ABI_VERSION = 1  # must match ss_abi_version() in kernels.c
 
 _P, _I64, _F, _INT = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
-RETURNS_COUNT = ("ss_rotary", "ss_decode_attention", "ss_attn_block", "ss_mlp_block")  # these return how many inputs were out of range
+RETURNS_COUNT = ("ss_rotary", "ss_decode_attention", "ss_attn_block", "ss_mlp_block", "ss_decode_stack")  # these return how many inputs were out of range
 SIGNATURES = {  # every exported kernel with its argument types (pointers are data_ptr() integers)
     "ss_linear": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT],
     "ss_rms_norm": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _F, _INT],
@@ -39,6 +39,7 @@ SIGNATURES = {  # every exported kernel with its argument types (pointers are da
                             _I64, _F, _P, _INT],
     "ss_attn_block": [_P, _INT, _P, _P, _INT, _P, _P, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _INT],
     "ss_mlp_block": [_P, _INT, _P, _P, _P, _I64, _INT],
+    "ss_decode_stack": [_I64, _P, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _INT],
 }
 
 _reason: str | None = None

@@ -122,6 +122,45 @@ class FusedDecodeLayer:
         return _reduce_and_bias(m.down_proj, out), res
 
 
+class FusedDecodeStack:
+    """A pipeline stage's decoder layers for a pure-decode step in one C call (ss_decode_stack): for tensor
+    parallelism off and no row-parallel bias (nothing runs between the blocks). Built lazily from the layers'
+    FusedDecodeLayer weights; the model drops it when it loads weights again."""
+
+    def __init__(self, layers: list[FusedDecodeLayer]) -> None:
+        for f in layers:
+            f._refresh()
+        self.layers = layers
+        self._attn = (_AttnWeights * len(layers))(*[f._attn for f in layers])
+        self._mlp = (_MlpWeights * len(layers))(*[f._mlp for f in layers])
+        self._kv_key: tuple | None = None
+        self._kv = (ctypes.c_void_p * len(layers))()
+
+    @staticmethod
+    def supports(layers) -> bool:
+        return bool(layers) and all(
+            supports(layer) and layer.self_attn.o_proj.tp_size == 1 and layer.mlp.down_proj.tp_size == 1
+            and layer.self_attn.o_proj.bias is None for layer in layers)
+
+    def __call__(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(c.data_ptr() for c in kv_caches[:len(self.layers)])
+        if key != self._kv_key:
+            self._kv[:] = key
+            self._kv_key = key
+        x = x.clone()
+        res = torch.empty_like(x) if residual is None else residual.clone()
+        cache = kv_caches[0]
+        tables, lens = meta.block_tables, meta.seq_lens_tensor
+        bad = build.load().ss_decode_stack(
+            len(self.layers), self._attn, self._mlp, self._kv, ops.DTYPES[x.dtype], x.data_ptr(), res.data_ptr(),
+            residual is not None, cache.shape[2], cache.shape[3], positions.data_ptr(), meta.slot_mapping.data_ptr(),
+            tables.data_ptr(), tables.shape[1], lens.data_ptr(), x.shape[0], torch.get_num_threads())
+        if bad:
+            raise IndexError(f"{bad} position(s), block id(s) or length(s) out of range in a decode step")
+        return x, res
+
+
 def _reduce_and_bias(proj, y: torch.Tensor) -> torch.Tensor:
     """What RowParallelLinear does after its GEMM: all-reduce over TP ranks, then the bias once."""
     if proj.tp_size > 1 and proj.reduce_results:

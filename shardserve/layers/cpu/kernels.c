@@ -532,3 +532,23 @@ long ss_mlp_block(const struct ss_mlp_weights *w, int dt, const void *x, void *r
     free(buf);
     return 0;
 }
+
+/* A stage's whole stack of L decoder layers for a decode step (tensor parallelism off: nothing to reduce between
+ * blocks), one call per step. x [T, hidden] in: the stage's input hidden states, out: the last layer's MLP output;
+ * residual in/out as in the blocks (has_res = 0: the first layer starts it from x). kv[l] is layer l's cache. */
+long ss_decode_stack(int64_t L, const struct ss_attn_weights *aw, const struct ss_mlp_weights *mw, void *const *kv,
+                     int dt, void *x, void *residual, int has_res, int64_t blocks, int64_t block_size,
+                     const int64_t *pos, const int64_t *slots, const int64_t *tables, int64_t ldt,
+                     const int64_t *lens, int64_t T, int nthreads) {
+    size_t esz = dt ? 2 : 4;
+    void *tmp = malloc((size_t)(T * aw[0].hidden) * esz);
+    if (!tmp) return -1;
+    long bad = 0;
+    for (int64_t l = 0; l < L && !bad; l++) {
+        bad = ss_attn_block(&aw[l], dt, x, residual, has_res || l > 0, tmp, kv[l], blocks, block_size, pos, slots,
+                            tables, ldt, lens, T, nthreads);
+        if (!bad) bad = ss_mlp_block(&mw[l], dt, tmp, residual, x, T, nthreads);
+    }
+    free(tmp);
+    return bad;
+}
