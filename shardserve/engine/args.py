@@ -66,7 +66,7 @@ class EngineArgs:
         from shardserve.layers.cpu.auto_dtype import cpu_auto_dtype
         dtype, why = cpu_auto_dtype()
         name = str(dtype).replace("torch.", "")
-        logger.info("--dtype auto on CPU: %s (%s); pass --dtype float32 or bfloat16 to choose", name, why)
+        logger.warning("--dtype auto on CPU: %s (%s); pass --dtype float32 or bfloat16 to choose", name, why)
         return dtype
 
     def resolve_model(self, progress: bool = True) -> str:

@@ -69,7 +69,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = cpu_ops.linear(hidden, self.weight)  # [tokens, V_r]
+        logits = cpu_ops.linear(hidden, self.weight, float_out=True)  # [tokens, V_r] float32
         if self.tp_size > 1:
             logits = self.tp.all_gather(logits, dim=-1)  # [tokens, V_padded]
         return logits[..., : self.vocab_size]

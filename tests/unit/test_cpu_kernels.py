@@ -39,8 +39,8 @@ def test_the_kernels_build_here():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
-@pytest.mark.parametrize("n,k", [(37, 100), (96, 576), (64, 33)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17, 33, 64, 65])
+@pytest.mark.parametrize("n,k", [(37, 100), (96, 576), (101, 64), (64, 33)])  # AMX: K % 32 == 0, tail rows AVX-512
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_a_float64_product(dtype, rows, n, k, bias):
     x_full = _rand(rows, k + 7, dtype=dtype, seed=1)
@@ -55,6 +55,28 @@ def test_linear_matches_a_float64_product(dtype, rows, n, k, bias):
         assert err <= max(2 * torch_err, 1e-6 * want.abs().max().item())
     else:  # one rounding of an fp32 sum, like torch's own bf16 GEMM
         assert err <= max(torch_err, 2 ** -8 * want.abs().max().item()) * 1.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_linear_float_out_keeps_the_fp32_sums(dtype, rows):
+    """The LM head's logits in float32: the kernel's sums unrounded (closer to a float64 product than the dtype's
+    rounded result), torch's GEMM result cast up past the kernel's row limit."""
+    x, w = _rand(rows, 576, dtype=dtype, seed=1), _rand(101, 576, dtype=dtype, seed=2)
+    got = ops.linear(x, w, float_out=True)
+    want = F.linear(x.double(), w.double())
+    assert got.dtype == torch.float32
+    if rows <= ops.linear_max_rows(dtype):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-5 * want.abs().max().item()  # fp32 sums: no dtype rounding left
+    else:
+        assert torch.equal(got, F.linear(x, w).float())
+
+
+def test_amx_is_reported_with_its_row_limit():
+    assert ops.linear_max_rows(torch.float32) == 8
+    assert ops.linear_max_rows(torch.bfloat16) == (64 if ops.amx() else 8)
+    assert ops.linear_max_rows(torch.float16) == 0
 
 
 def test_linear_keeps_leading_dims_and_falls_back_for_other_dtypes():
@@ -221,7 +243,7 @@ def test_the_fused_layer_is_taken_only_for_small_pure_decode_steps(monkeypatch):
     assert usable(x, meta)
     mixed = AttentionMetadata(meta.slot_mapping, tables, [4, 5, 6], [1, 1, 1], meta.seq_lens_tensor, 2, 4)
     assert not usable(x, mixed)  # a prefill in the step
-    big = _rand(ops.LINEAR_MAX_ROWS[torch.float32] + 1, 64)
+    big = _rand(ops.linear_max_rows(torch.float32) + 1, 64)
     many = AttentionMetadata(meta.slot_mapping, tables, [4] * big.shape[0], [1] * big.shape[0],
                              meta.seq_lens_tensor, big.shape[0], 4)
     assert not usable(big, many)  # torch's GEMM is faster there
@@ -259,3 +281,29 @@ def test_the_one_call_decode_stack_equals_the_per_op_model_bit_for_bit(dtype, na
         want = model(ids, positions, op_caches, meta)
     assert all(torch.equal(s, o) for s, o in zip(stack_caches, op_caches))
     assert torch.equal(got, want)
+
+
+# --- --dtype auto on a CPU -------------------------------------------------------------------------------------------
+def test_cpu_auto_dtype_is_bf16_only_with_native_bf16_and_the_kernels():
+    from shardserve.layers.cpu.auto_dtype import cpu_auto_dtype, native_bf16_flag
+    x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"
+    old_x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+    assert native_bf16_flag(x86) == "avx512_bf16" and native_bf16_flag(arm) == "bf16"
+    assert native_bf16_flag(old_x86) is None
+    assert cpu_auto_dtype(x86, kernels=True)[0] == torch.bfloat16
+    assert cpu_auto_dtype(arm, kernels=True)[0] == torch.bfloat16
+    dtype, why = cpu_auto_dtype(old_x86, kernels=True)
+    assert dtype == torch.float32 and "no native bf16" in why
+    dtype, why = cpu_auto_dtype(x86, kernels=False)
+    assert dtype == torch.float32 and "did not build" in why
+
+
+def test_engine_args_resolve_auto_on_cpu_and_keep_an_explicit_dtype(caplog):
+    from shardserve.engine.args import EngineArgs
+    from shardserve.layers.cpu.auto_dtype import cpu_auto_dtype
+    with caplog.at_level("WARNING"):
+        got = EngineArgs(dtype="auto").resolve_dtype("cpu")
+    assert got == cpu_auto_dtype()[0] and "--dtype auto on CPU" in caplog.text
+    assert EngineArgs(dtype="float32").resolve_dtype("cpu") == "float32"
+    assert EngineArgs(dtype="auto").resolve_dtype("cuda") == "auto"  # the checkpoint's dtype on GPU

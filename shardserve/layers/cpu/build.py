@@ -31,6 +31,7 @@ _P, _I64, _F, _INT = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_in
 RETURNS_COUNT = ("ss_rotary", "ss_decode_attention", "ss_attn_block", "ss_mlp_block", "ss_decode_stack")  # these return how many inputs were out of range
 SIGNATURES = {  # every exported kernel with its argument types (pointers are data_ptr() integers)
     "ss_linear": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT],
+    "ss_linear_f32out": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT],
     "ss_rms_norm": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _F, _INT],
     "ss_silu_and_mul": [_INT, _P, _I64, _P, _I64, _I64, _I64, _INT],
     "ss_rotary": [_INT, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64],
@@ -41,6 +42,8 @@ SIGNATURES = {  # every exported kernel with its argument types (pointers are da
     "ss_mlp_block": [_P, _INT, _P, _P, _P, _I64, _INT],
     "ss_decode_stack": [_I64, _P, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _INT],
 }
+
+QUERIES = {"ss_amx_available": [], "ss_linear_max_rows": [_INT], "ss_has_avx512": []}  # these return an int
 
 _reason: str | None = None
 
@@ -101,6 +104,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, (_I64 if name in RETURNS_COUNT else None)
+    for name, args in QUERIES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, _INT
     return lib
 
 

@@ -7,7 +7,7 @@ same roundings, so the fused layer's output equals the per-op layer's bit for bi
 each other and against transformers. The tensor-parallel all-reduces (and a row-parallel bias) stay in Python
 between and after the blocks.
 
-Taken when every token of the step is a decode, at most LINEAR_MAX_ROWS of them (past that, torch's GEMM beats the
+Taken when every token of the step is a decode, at most ops.linear_max_rows() of them (past that, torch's GEMM beats the
 GEMV kernel), on float32/bfloat16 CPU tensors, for layers built from the standard pieces (TorchAttentionBackend's
 cache layout, neox rotary, SiLU MLP without bias)."""
 from __future__ import annotations
@@ -59,7 +59,7 @@ def supports(layer) -> bool:
 def usable(x: torch.Tensor, meta: AttentionMetadata) -> bool:
     """Whether this step (hidden states x [tokens, hidden], meta) can take the fused decode layers."""
     tokens = x.shape[0]
-    return (meta.num_decodes == tokens == len(meta.seq_lens) and 0 < tokens <= ops.LINEAR_MAX_ROWS.get(x.dtype, 0)
+    return (meta.num_decodes == tokens == len(meta.seq_lens) and 0 < tokens <= ops.linear_max_rows(x.dtype)
             and x.device.type == "cpu" and ops.fused_on() and ops.handles(x))
 
 

@@ -7,6 +7,7 @@
  * dtype codes: 0 = float32, 1 = bfloat16. Every kernel accumulates in float32 and rounds to the tensor dtype with
  * round-to-nearest-even, at the same points as the torch reference ops (see shardserve/layers/cpu/ops.py). Strides
  * are in elements; the last dim of every tensor is contiguous. */
+#define _GNU_SOURCE  /* syscall() for the AMX permission request */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -16,6 +17,12 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define SS_AVX512 1
+#endif
+
+#if defined(SS_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SS_AMX 1
 #endif
 
 typedef uint16_t bf16;
@@ -57,6 +64,25 @@ static void to_f32(int dt, const void *src, float *dst, long n) {
 }
 
 int ss_abi_version(void) { return 1; }
+
+/* 1 when AMX bf16 tiles can run in this process: built with AMX and the kernel grants the tile state (Linux asks
+ * each process to request it; a CPU that lists amx_* flags in a VM that does not enable them gets 0) */
+int ss_amx_available(void) {
+#ifdef SS_AMX
+    static int state = -1;
+    if (state < 0) {
+        unsigned long mask = 0;
+        const long get_perm = 0x1022, req_perm = 0x1023, xtiledata = 18;  /* ARCH_{GET,REQ}_XCOMP_PERM */
+        if (syscall(SYS_arch_prctl, get_perm, &mask) == 0 && (mask & (1UL << xtiledata)))
+            state = 1;
+        else
+            state = syscall(SYS_arch_prctl, req_perm, xtiledata) == 0;
+    }
+    return state;
+#else
+    return 0;
+#endif
+}
 
 int ss_has_avx512(void) {
 #ifdef SS_AVX512
@@ -187,8 +213,96 @@ static void tile_bf16_dispatch(int mr, const bf16 *const *xr, const void *const 
 #endif
 #endif
 
-void ss_linear(int dt, const void *x, long ldx, const void *w, long ldw, const void *bias, void *y, long ldy,
-               long M, long N, long K, int nthreads) {
+#ifdef SS_AMX
+#define AMX_MAX_ROWS 64  /* 4 accumulator tiles of 16 rows of x */
+
+struct ss_tilecfg {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* bf16 y[m, n] (+ bias[n]) for n < nfull (a multiple of 16), M <= 64, K % 32 == 0, with AMX: y^T = w . x^T, so the
+ * weight rows load straight into the A tile (16 rows x 32 k) and only x (small) is rearranged into k-pair panels
+ * for the B tile. The weights stream once for all M rows: M = 1..64 cost about the same time. */
+static void linear_amx(const bf16 *x, long ldx, const bf16 *w, long ldw, const bf16 *bias, void *y, int out_dt,
+                       long ldy, long M, long nfull, long K, int nthreads) {
+    long mb = (M + 15) / 16, kp = K / 2;
+    uint32_t *xv = (uint32_t *)aligned_alloc(64, (size_t)(mb * kp * 16) * 4);
+    if (!xv) return;
+    memset(xv, 0, (size_t)(mb * kp * 16) * 4);
+    for (long m = 0; m < M; m++)  /* panel m / 16, row r: (x[m][2r], x[m][2r + 1]) at column m % 16 */
+        for (long r = 0; r < kp; r++) memcpy(xv + ((m / 16) * kp + r) * 16 + m % 16, x + m * ldx + 2 * r, 4);
+    long nblocks = nfull / 16;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && nblocks >= 16)
+    {
+        struct ss_tilecfg cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 6; t++) { /* 0-3: C (16 n x 16 m fp32), 4: A (16 n x 32 k), 5: B (16 k pairs x 16 m) */
+            cfg.rows[t] = 16;
+            cfg.colsb[t] = 64;
+        }
+        _tile_loadconfig(&cfg);
+        long nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        long b0 = nblocks * tid / nt, b1 = nblocks * (tid + 1) / nt;
+        float out[16 * 16];
+        for (long nb = b0; nb < b1; nb++) {
+            const bf16 *wb = w + nb * 16 * ldw;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (long k0 = 0; k0 < K; k0 += 32) {
+                for (int r = 0; r < 16; r++)  /* the next block's rows, one line each per k step */
+                    _mm_prefetch((const char *)(wb + (16 * PF_TILES / 2 + r) * ldw + k0), _MM_HINT_T0);
+                _tile_loadd(4, wb + k0, ldw * 2);
+                const uint32_t *xb = xv + (k0 / 2) * 16;
+                _tile_loadd(5, xb, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                if (mb > 1) { _tile_loadd(5, xb + kp * 16, 64); _tile_dpbf16ps(1, 4, 5); }
+                if (mb > 2) { _tile_loadd(5, xb + 2 * kp * 16, 64); _tile_dpbf16ps(2, 4, 5); }
+                if (mb > 3) { _tile_loadd(5, xb + 3 * kp * 16, 64); _tile_dpbf16ps(3, 4, 5); }
+            }
+            for (long j = 0; j < mb; j++) {
+                switch (j) {
+                case 0: _tile_stored(0, out, 64); break;
+                case 1: _tile_stored(1, out, 64); break;
+                case 2: _tile_stored(2, out, 64); break;
+                default: _tile_stored(3, out, 64); break;
+                }
+                for (long c = 0; c < 16 && j * 16 + c < M; c++)
+                    for (int n = 0; n < 16; n++) {
+                        float v = out[n * 16 + c];
+                        if (bias) v += bf2f(bias[nb * 16 + n]);
+                        store1(out_dt, y, (j * 16 + c) * ldy + nb * 16 + n, v);
+                    }
+            }
+        }
+        _tile_release();
+    }
+    free(xv);
+}
+#endif
+
+int ss_linear_max_rows(int dt) {  /* most rows ss_linear is meant for (more: torch's GEMM is faster) */
+#ifdef SS_AMX
+    if (dt && ss_amx_available()) return AMX_MAX_ROWS;
+#endif
+    return 8;
+}
+
+static void linear_impl(int dt, int out_dt, const void *x, long ldx, const void *w, long ldw, const void *bias,
+                        void *y, long ldy, long M, long N, long K, int nthreads) {
+    long n_begin = 0;  /* rows below this were computed with AMX */
+#ifdef SS_AMX
+    if (dt && M >= 3 && M <= AMX_MAX_ROWS && K % 32 == 0 && N >= 16 && ss_amx_available()) {
+        n_begin = N & ~15L;
+        linear_amx((const bf16 *)x, ldx, (const bf16 *)w, ldw, (const bf16 *)bias, y, out_dt, ldy, M, n_begin, K,
+                   nthreads);
+        if (n_begin == N) return;
+    }
+#endif
     long kp = (K + 31) & ~31L;
     float *xf = (float *)aligned_alloc(64, (size_t)(M * kp) * sizeof(float));
     if (!xf) return;
@@ -207,20 +321,20 @@ void ss_linear(int dt, const void *x, long ldx, const void *w, long ldw, const v
         memset(xf + m * kp + K, 0, (size_t)(kp - K) * sizeof(float));
     }
 #ifdef SS_AVX512
-    long nblocks = (N + NR - 1) / NR;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && N >= 256)
+    long nblocks = (N - n_begin + NR - 1) / NR;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && N - n_begin >= 256)
     {
     /* contiguous row blocks per thread, each a sequential stream; its first tiles are prefetched up front (the
      * prefetch in the tile loop runs PF_TILES tiles ahead, so they would otherwise start cold) */
     long nt = omp_get_num_threads(), tid = omp_get_thread_num();
     long b0 = nblocks * tid / nt, b1 = nblocks * (tid + 1) / nt;
     long warm_rows = (b1 - b0) * NR < PF_TILES * NR ? (b1 - b0) * NR : PF_TILES * NR;
-    if (b0 * NR + warm_rows > N) warm_rows = N - b0 * NR;
-    const char *first = (const char *)w + b0 * NR * ldw * esz;
+    if (n_begin + b0 * NR + warm_rows > N) warm_rows = N - n_begin - b0 * NR;
+    const char *first = (const char *)w + (n_begin + b0 * NR) * ldw * esz;
     for (long r = 0; r < warm_rows; r++)
         for (long off = 0; off < K * (long)esz; off += 64) _mm_prefetch(first + (r * ldw) * esz + off, _MM_HINT_T0);
     for (long nb = b0; nb < b1; nb++) {
-        long n0 = nb * NR;
+        long n0 = n_begin + nb * NR;
         const void *wr[NR];
         for (int r = 0; r < NR; r++) {
             long n = n0 + r < N ? n0 + r : N - 1;  /* a short last block recomputes row N-1, not stored */
@@ -245,14 +359,14 @@ void ss_linear(int dt, const void *x, long ldx, const void *w, long ldw, const v
                 for (int r = 0; r < NR && n0 + r < N; r++) {
                     float v = out[c * NR + r];
                     if (bias) v += load1(dt, bias, n0 + r);
-                    store1(dt, (char *)y + (m0 + c) * ldy * esz, n0 + r, v);
+                    store1(out_dt, y, (m0 + c) * ldy + n0 + r, v);
                 }
         }
     }
     }
 #else
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && N >= 256)
-    for (long n = 0; n < N; n++) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && N - n_begin >= 256)
+    for (long n = n_begin; n < N; n++) {
         const char *wrow = (const char *)w + n * ldw * esz;
         for (long m = 0; m < M; m++) {
             const float *xm = xf + m * kp;
@@ -268,11 +382,23 @@ void ss_linear(int dt, const void *x, long ldx, const void *w, long ldw, const v
             }
             float v = s;
             if (bias) v += load1(dt, bias, n);
-            store1(dt, (char *)y + m * ldy * esz, n, v);
+            store1(out_dt, y, m * ldy + n, v);
         }
     }
 #endif
     free(xf);
+}
+
+/* y in x's dtype (F.linear) */
+void ss_linear(int dt, const void *x, long ldx, const void *w, long ldw, const void *bias, void *y, long ldy,
+               long M, long N, long K, int nthreads) {
+    linear_impl(dt, dt, x, ldx, w, ldw, bias, y, ldy, M, N, K, nthreads);
+}
+
+/* y in float32: the fp32 sums unrounded (logits: a bf16 LM head's outputs near 20 would round in steps of 0.125) */
+void ss_linear_f32out(int dt, const void *x, long ldx, const void *w, long ldw, const void *bias, float *y, long ldy,
+                      long M, long N, long K, int nthreads) {
+    linear_impl(dt, 0, x, ldx, w, ldw, bias, y, ldy, M, N, K, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Rounding follows the torch reference of each layer (see kernels.c), so parity ho
 the reference ops: fp32 to ~1e-6 relative, bf16 within an ulp or two. SHARDSERVE_CPU_KERNELS=0 turns them off."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,11 +20,23 @@ import torch.nn.functional as F
 from shardserve.layers.cpu import build
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-# Largest row count `linear` takes (more rows: torch's GEMM, which reuses each weight tile across rows and wins).
-# Measured on a 2-core AVX-512/BF16 Xeon streaming the 121 weight matrices of SmolLM2-135M (docs/benchmarks.md):
-# fp32 17.1 ms vs torch 17.7 at 1 row, 30.8 vs 43.8 at 8, 54.9 vs 44.3 at 16; bf16 8.9 vs 19.9 at 1 row,
-# 19.1 vs 20.3 at 8, 34.7 vs 21.1 at 16.
-LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 8}
+# Largest row count `linear` takes (more rows: torch's GEMM). Measured on a 2-core AVX-512/BF16 Xeon streaming the
+# 121 weight matrices of SmolLM2-135M (docs/benchmarks.md): the AVX-512 GEMV beats torch up to 8 rows in fp32 and
+# bf16; with AMX (bf16 tiles), 64 rows cost about what one does, so bf16 takes up to 64 (kernels.c decides).
+def linear_max_rows(dtype: torch.dtype) -> int:
+    if dtype not in DTYPES or not available():
+        return 0
+    return _max_rows(DTYPES[dtype])
+
+
+@functools.cache
+def _max_rows(dt: int) -> int:
+    return build.load().ss_linear_max_rows(dt)
+
+
+def amx() -> bool:
+    """Whether the bf16 GEMM runs on AMX tiles in this process."""
+    return available() and bool(build.load().ss_amx_available())
 
 
 def _mode() -> str:
@@ -66,19 +79,24 @@ def _same_dtype(*tensors: torch.Tensor) -> None:
 
 
 # --- linear --------------------------------------------------------------------------------------------------------
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); a small number of rows on the CPU goes through the bandwidth-bound kernel."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           float_out: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias); a small number of rows on the CPU goes through the bandwidth-bound kernel.
+    float_out: the result in float32 -- from the kernel, its fp32 sums unrounded (the LM head: bf16 logits near 20
+    are 0.125 apart and tie); from torch's GEMM, the dtype's result cast up."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (not 0 < rows <= LINEAR_MAX_ROWS.get(x.dtype, 0) or weight.dtype != x.dtype or x.device.type != "cpu"
-            or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype) or not available()):
-        return F.linear(x, weight, bias)
+    if (not 0 < rows <= linear_max_rows(x.dtype) or weight.dtype != x.dtype or x.device.type != "cpu"
+            or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)):
+        y = F.linear(x, weight, bias)
+        return y.float() if float_out else y
     x2 = _rows(x)
     n, k = weight.shape
-    y = x2.new_empty(rows, n)
+    y = x2.new_empty(rows, n, dtype=torch.float32 if float_out else x.dtype)
     if bias is not None:
         bias = bias.contiguous()
-    build.load().ss_linear(DTYPES[x.dtype], x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0),
-                           bias.data_ptr() if bias is not None else None, y.data_ptr(), n, rows, n, k, _threads())
+    fn = build.load().ss_linear_f32out if float_out else build.load().ss_linear
+    fn(DTYPES[x.dtype], x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0),
+       bias.data_ptr() if bias is not None else None, y.data_ptr(), n, rows, n, k, _threads())
     return y.view(*x.shape[:-1], n)
 
 
