@@ -36,7 +36,7 @@ def server(start_server) -> ServerProcess:
 @pytest.fixture(scope="session")
 def offline_llm(tiny_model):
     from shardserve import LLM
-    llm = LLM(model=str(tiny_model), device="cpu", kv_cache_memory="64MiB", max_model_len=512,
+    llm = LLM(model=str(tiny_model), device="cpu", kv_cache_memory="64MiB", max_model_len=512, dtype="float32",
               use_tqdm_on_load=False)
     yield llm
     llm.shutdown()

@@ -14,7 +14,9 @@ from shardserve.utils.network import get_free_port
 
 API_KEY = "test-key-123"
 MODEL_NAME = "tiny"
-ENGINE_FLAGS = ["--device", "cpu", "--kv-cache-memory", "64MiB", "--max-model-len", "512"]
+# float32, not auto (bf16 on CPUs with native bf16): the tests compare tokens exactly across different batchings
+# (replicas, offline runs), and bf16 GEMVs round in a batch-size-dependent order (AMX for 3-64 rows, AVX-512 below)
+ENGINE_FLAGS = ["--device", "cpu", "--kv-cache-memory", "64MiB", "--max-model-len", "512", "--dtype", "float32"]
 START_TIMEOUT_S = 120.0
 
 

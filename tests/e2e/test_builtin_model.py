@@ -18,7 +18,8 @@ FLAGS = ["--device", "cpu", "--kv-cache-memory", "64MiB", "--max-model-len", "51
 
 def test_server_answers_with_paris(tmp_path):
     from openai import OpenAI
-    srv = ServerProcess(None, ["--max-model-len", "512"], tmp_path / "server.log")
+    # the default dtype (auto: bf16 on CPUs with native bf16), the one users get
+    srv = ServerProcess(None, ["--max-model-len", "512", "--dtype", "auto"], tmp_path / "server.log")
     try:
         srv.wait_ready(timeout=240)
         client = OpenAI(base_url=f"{srv.url}/v1", api_key="none")

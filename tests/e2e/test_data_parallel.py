@@ -211,7 +211,7 @@ def test_offline_data_parallel_matches_one_engine(tiny_model, offline_llm):
     params = [SamplingParams(temperature=0, max_tokens=8),
               SamplingParams(temperature=0.8, seed=3, max_tokens=8, n=2)]
     refs = [offline_llm.generate(prompts, p, use_tqdm=False) for p in params]
-    llm = LLM(model=str(tiny_model), device="cpu", kv_cache_memory="64MiB", max_model_len=512,
+    llm = LLM(model=str(tiny_model), device="cpu", kv_cache_memory="64MiB", max_model_len=512, dtype="float32",
               data_parallel_size=2, use_tqdm_on_load=False)
     procs = [c.proc for c in llm.engine.cores]
     try:
