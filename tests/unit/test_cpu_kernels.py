@@ -39,7 +39,7 @@ def test_the_kernels_build_here():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17, 33, 64, 65])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17, 33, 64, 65, 300])
 @pytest.mark.parametrize("n,k", [(37, 100), (96, 576), (101, 64), (64, 33)])  # AMX: K % 32 == 0, tail rows AVX-512
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_a_float64_product(dtype, rows, n, k, bias):
@@ -66,7 +66,7 @@ def test_linear_float_out_keeps_the_fp32_sums(dtype, rows):
     got = ops.linear(x, w, float_out=True)
     want = F.linear(x.double(), w.double())
     assert got.dtype == torch.float32
-    if rows <= ops.linear_max_rows(dtype):
+    if rows <= ops.linear_max_rows(dtype, 576):
         err = (got.double() - want).abs().max().item()
         assert err <= 1e-5 * want.abs().max().item()  # fp32 sums: no dtype rounding left
     else:
@@ -74,9 +74,10 @@ def test_linear_float_out_keeps_the_fp32_sums(dtype, rows):
 
 
 def test_amx_is_reported_with_its_row_limit():
-    assert ops.linear_max_rows(torch.float32) == 8
-    assert ops.linear_max_rows(torch.bfloat16) == (64 if ops.amx() else 8)
-    assert ops.linear_max_rows(torch.float16) == 0
+    assert ops.linear_max_rows(torch.float32, 576) == 8
+    assert ops.linear_max_rows(torch.bfloat16, 576) == (1 << 30 if ops.amx() else 8)  # AMX: every row count
+    assert ops.linear_max_rows(torch.bfloat16, 100) == 8  # K not a multiple of 32: no AMX
+    assert ops.linear_max_rows(torch.float16, 576) == 0
 
 
 def test_linear_keeps_leading_dims_and_falls_back_for_other_dtypes():
@@ -243,7 +244,7 @@ def test_the_fused_layer_is_taken_only_for_small_pure_decode_steps(monkeypatch):
     assert usable(x, meta)
     mixed = AttentionMetadata(meta.slot_mapping, tables, [4, 5, 6], [1, 1, 1], meta.seq_lens_tensor, 2, 4)
     assert not usable(x, mixed)  # a prefill in the step
-    big = _rand(ops.linear_max_rows(torch.float32) + 1, 64)
+    big = _rand(ops.linear_max_rows(torch.float32, 64) + 1, 64)
     many = AttentionMetadata(meta.slot_mapping, tables, [4] * big.shape[0], [1] * big.shape[0],
                              meta.seq_lens_tensor, big.shape[0], 4)
     assert not usable(big, many)  # torch's GEMM is faster there

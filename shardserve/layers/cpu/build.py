@@ -43,7 +43,7 @@ SIGNATURES = {  # every exported kernel with its argument types (pointers are da
     "ss_decode_stack": [_I64, _P, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _INT],
 }
 
-QUERIES = {"ss_amx_available": [], "ss_linear_max_rows": [_INT], "ss_has_avx512": []}  # these return an int
+QUERIES = {"ss_amx_available": [], "ss_linear_max_rows": [_INT, _I64], "ss_has_avx512": []}  # these return an int
 
 _reason: str | None = None
 

@@ -7,9 +7,9 @@ same roundings, so the fused layer's output equals the per-op layer's bit for bi
 each other and against transformers. The tensor-parallel all-reduces (and a row-parallel bias) stay in Python
 between and after the blocks.
 
-Taken when every token of the step is a decode, at most ops.linear_max_rows() of them (past that, torch's GEMM beats the
-GEMV kernel), on float32/bfloat16 CPU tensors, for layers built from the standard pieces (TorchAttentionBackend's
-cache layout, neox rotary, SiLU MLP without bias)."""
+Taken when every token of the step is a decode, at most ops.linear_max_rows() of them (past that, torch's GEMM beats
+the GEMV kernel; 8 in fp32, up to DECODE_MAX_SEQS in bf16 with AMX), on float32/bfloat16 CPU tensors, for layers
+built from the standard pieces (TorchAttentionBackend's cache layout, neox rotary, SiLU MLP without bias)."""
 from __future__ import annotations
 
 import ctypes
@@ -23,6 +23,7 @@ from shardserve.layers.cpu import build, ops
 from shardserve.layers.rotary import RotaryEmbedding
 
 _P, _D, _I = ctypes.c_void_p, ctypes.c_double, ctypes.c_int64
+DECODE_MAX_SEQS = 256  # past this a step's C decode attention (one task per sequence and KV head) is not measured
 
 
 class _AttnWeights(ctypes.Structure):
@@ -59,7 +60,8 @@ def supports(layer) -> bool:
 def usable(x: torch.Tensor, meta: AttentionMetadata) -> bool:
     """Whether this step (hidden states x [tokens, hidden], meta) can take the fused decode layers."""
     tokens = x.shape[0]
-    return (meta.num_decodes == tokens == len(meta.seq_lens) and 0 < tokens <= ops.linear_max_rows(x.dtype)
+    limit = min(ops.linear_max_rows(x.dtype, x.shape[-1]), DECODE_MAX_SEQS)
+    return (meta.num_decodes == tokens == len(meta.seq_lens) and 0 < tokens <= limit
             and x.device.type == "cpu" and ops.fused_on() and ops.handles(x))
 
 

@@ -214,7 +214,7 @@ static void tile_bf16_dispatch(int mr, const bf16 *const *xr, const void *const 
 #endif
 
 #ifdef SS_AMX
-#define AMX_MAX_ROWS 64  /* 4 accumulator tiles of 16 rows of x */
+#define AMX_PANEL 256  /* rows of x per pass over the weights: their k-pair panels (256 x K x 2 bytes) stay in L2 */
 
 struct ss_tilecfg {
     uint8_t palette, start_row, reserved[14];
@@ -222,73 +222,85 @@ struct ss_tilecfg {
     uint8_t rows[16];
 };
 
-/* bf16 y[m, n] (+ bias[n]) for n < nfull (a multiple of 16), M <= 64, K % 32 == 0, with AMX: y^T = w . x^T, so the
- * weight rows load straight into the A tile (16 rows x 32 k) and only x (small) is rearranged into k-pair panels
- * for the B tile. The weights stream once for all M rows: M = 1..64 cost about the same time. */
+/* bf16 y[m, n] (+ bias[n]) for n < nfull (a multiple of 16), K % 32 == 0, with AMX: y^T = w . x^T, so the weight
+ * rows load straight into the A tile (16 rows x 32 k) and only x is rearranged, into k-pair panels for the B tile.
+ * Per pass of AMX_PANEL rows of x the weights stream from memory once; inside a pass each block of 16 weight rows
+ * (16 x K bf16, in L1) serves the pass's rows 64 at a time (4 accumulator tiles). So decode (a few rows) reads the
+ * weights at bandwidth for any row count up to 256, and prefill runs at the tiles' rate. */
 static void linear_amx(const bf16 *x, long ldx, const bf16 *w, long ldw, const bf16 *bias, void *y, int out_dt,
                        long ldy, long M, long nfull, long K, int nthreads) {
-    long mb = (M + 15) / 16, kp = K / 2;
-    uint32_t *xv = (uint32_t *)aligned_alloc(64, (size_t)(mb * kp * 16) * 4);
+    long kp = K / 2, nblocks = nfull / 16;
+    long panel_rows = M < AMX_PANEL ? M : AMX_PANEL;
+    uint32_t *xv = (uint32_t *)aligned_alloc(64, (size_t)(((panel_rows + 15) / 16) * kp * 16) * 4);
     if (!xv) return;
-    memset(xv, 0, (size_t)(mb * kp * 16) * 4);
-    for (long m = 0; m < M; m++)  /* panel m / 16, row r: (x[m][2r], x[m][2r + 1]) at column m % 16 */
-        for (long r = 0; r < kp; r++) memcpy(xv + ((m / 16) * kp + r) * 16 + m % 16, x + m * ldx + 2 * r, 4);
-    long nblocks = nfull / 16;
+    for (long p0 = 0; p0 < M; p0 += AMX_PANEL) {
+        long pm = M - p0 < AMX_PANEL ? M - p0 : AMX_PANEL, mb = (pm + 15) / 16;
+        memset(xv, 0, (size_t)(mb * kp * 16) * 4);
+        for (long m = 0; m < pm; m++)  /* panel m / 16, row r: (x[m][2r], x[m][2r + 1]) at column m % 16 */
+            for (long r = 0; r < kp; r++)
+                memcpy(xv + ((m / 16) * kp + r) * 16 + m % 16, x + (p0 + m) * ldx + 2 * r, 4);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && nblocks >= 16)
-    {
-        struct ss_tilecfg cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette = 1;
-        for (int t = 0; t < 6; t++) { /* 0-3: C (16 n x 16 m fp32), 4: A (16 n x 32 k), 5: B (16 k pairs x 16 m) */
-            cfg.rows[t] = 16;
-            cfg.colsb[t] = 64;
-        }
-        _tile_loadconfig(&cfg);
-        long nt = omp_get_num_threads(), tid = omp_get_thread_num();
-        long b0 = nblocks * tid / nt, b1 = nblocks * (tid + 1) / nt;
-        float out[16 * 16];
-        for (long nb = b0; nb < b1; nb++) {
-            const bf16 *wb = w + nb * 16 * ldw;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (long k0 = 0; k0 < K; k0 += 32) {
-                for (int r = 0; r < 16; r++)  /* the next block's rows, one line each per k step */
-                    _mm_prefetch((const char *)(wb + (16 * PF_TILES / 2 + r) * ldw + k0), _MM_HINT_T0);
-                _tile_loadd(4, wb + k0, ldw * 2);
-                const uint32_t *xb = xv + (k0 / 2) * 16;
-                _tile_loadd(5, xb, 64);
-                _tile_dpbf16ps(0, 4, 5);
-                if (mb > 1) { _tile_loadd(5, xb + kp * 16, 64); _tile_dpbf16ps(1, 4, 5); }
-                if (mb > 2) { _tile_loadd(5, xb + 2 * kp * 16, 64); _tile_dpbf16ps(2, 4, 5); }
-                if (mb > 3) { _tile_loadd(5, xb + 3 * kp * 16, 64); _tile_dpbf16ps(3, 4, 5); }
+        {
+            struct ss_tilecfg cfg;
+            memset(&cfg, 0, sizeof cfg);
+            cfg.palette = 1;
+            for (int t = 0; t < 6; t++) { /* 0-3: C (16 n x 16 m fp32), 4: A (16 n x 32 k), 5: B (16 k pairs x 16 m) */
+                cfg.rows[t] = 16;
+                cfg.colsb[t] = 64;
             }
-            for (long j = 0; j < mb; j++) {
-                switch (j) {
-                case 0: _tile_stored(0, out, 64); break;
-                case 1: _tile_stored(1, out, 64); break;
-                case 2: _tile_stored(2, out, 64); break;
-                default: _tile_stored(3, out, 64); break;
-                }
-                for (long c = 0; c < 16 && j * 16 + c < M; c++)
-                    for (int n = 0; n < 16; n++) {
-                        float v = out[n * 16 + c];
-                        if (bias) v += bf2f(bias[nb * 16 + n]);
-                        store1(out_dt, y, (j * 16 + c) * ldy + nb * 16 + n, v);
+            _tile_loadconfig(&cfg);
+            long nt = omp_get_num_threads(), tid = omp_get_thread_num();
+            long b0 = nblocks * tid / nt, b1 = nblocks * (tid + 1) / nt;
+            float out[16 * 16];
+            for (long nb = b0; nb < b1; nb++) {
+                const bf16 *wb = w + nb * 16 * ldw;
+                for (long q0 = 0; q0 < mb; q0 += 4) {  /* up to 4 blocks of 16 rows of x per accumulation */
+                    long g = mb - q0 < 4 ? mb - q0 : 4;
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (long k0 = 0; k0 < K; k0 += 32) {
+                        if (q0 == 0)
+                            for (int r = 0; r < 16; r++)  /* the next block's rows, one line each per k step */
+                                _mm_prefetch((const char *)(wb + (16 * PF_TILES / 2 + r) * ldw + k0), _MM_HINT_T0);
+                        _tile_loadd(4, wb + k0, ldw * 2);
+                        const uint32_t *xb = xv + (q0 * kp + k0 / 2) * 16;
+                        _tile_loadd(5, xb, 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                        if (g > 1) { _tile_loadd(5, xb + kp * 16, 64); _tile_dpbf16ps(1, 4, 5); }
+                        if (g > 2) { _tile_loadd(5, xb + 2 * kp * 16, 64); _tile_dpbf16ps(2, 4, 5); }
+                        if (g > 3) { _tile_loadd(5, xb + 3 * kp * 16, 64); _tile_dpbf16ps(3, 4, 5); }
                     }
+                    for (long j = 0; j < g; j++) {
+                        switch (j) {
+                        case 0: _tile_stored(0, out, 64); break;
+                        case 1: _tile_stored(1, out, 64); break;
+                        case 2: _tile_stored(2, out, 64); break;
+                        default: _tile_stored(3, out, 64); break;
+                        }
+                        long m0 = p0 + (q0 + j) * 16;
+                        for (long c = 0; c < 16 && m0 + c < M; c++)
+                            for (int n = 0; n < 16; n++) {
+                                float v = out[n * 16 + c];
+                                if (bias) v += bf2f(bias[nb * 16 + n]);
+                                store1(out_dt, y, (m0 + c) * ldy + nb * 16 + n, v);
+                            }
+                    }
+                }
             }
+            _tile_release();
         }
-        _tile_release();
     }
     free(xv);
 }
 #endif
 
-int ss_linear_max_rows(int dt) {  /* most rows ss_linear is meant for (more: torch's GEMM is faster) */
+int ss_linear_max_rows(int dt, long K) {  /* most rows ss_linear is meant for (more: torch's GEMM is faster) */
 #ifdef SS_AMX
-    if (dt && ss_amx_available()) return AMX_MAX_ROWS;
+    if (dt && K % 32 == 0 && ss_amx_available()) return 1 << 30;  /* AMX beats torch's bf16 GEMM at every size */
 #endif
+    (void)K;
     return 8;
 }
 
@@ -296,7 +308,7 @@ static void linear_impl(int dt, int out_dt, const void *x, long ldx, const void 
                         void *y, long ldy, long M, long N, long K, int nthreads) {
     long n_begin = 0;  /* rows below this were computed with AMX */
 #ifdef SS_AMX
-    if (dt && M >= 3 && M <= AMX_MAX_ROWS && K % 32 == 0 && N >= 16 && ss_amx_available()) {
+    if (dt && M >= 3 && K % 32 == 0 && N >= 16 && ss_amx_available()) {
         n_begin = N & ~15L;
         linear_amx((const bf16 *)x, ldx, (const bf16 *)w, ldw, (const bf16 *)bias, y, out_dt, ldy, M, n_begin, K,
                    nthreads);
@@ -430,7 +442,28 @@ void ss_rms_norm(int dt, const void *x, long ldx, const void *res, long ldr, con
     }
 }
 
-/* silu_and_mul: x [T, 2I] = [gate | up] -> out [T, I] = round(round(silu(gate)) * up) */
+#ifdef SS_AVX512
+/* exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error
+ * ~1e-7, an ulp of fp32), times 2^n by scalef (which also saturates to 0 and inf at the range ends) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  /* ln2 = 0.693145752 + 1.42860677e-6 */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* silu_and_mul: x [T, 2I] = [gate | up] -> out [T, I] = round(round(silu(gate)) * up); silu in fp32 (the exp
+ * vectorized with AVX-512), then the reference's two roundings */
 void ss_silu_and_mul(int dt, const void *x, long ldx, void *out, long ldo, long T, long I, int nthreads) {
     size_t esz = dt ? 2 : 4;
     long total = T * I;
@@ -438,7 +471,19 @@ void ss_silu_and_mul(int dt, const void *x, long ldx, void *out, long ldo, long 
     for (long t = 0; t < T; t++) {
         const char *xt = (const char *)x + t * ldx * esz;
         char *ot = (char *)out + t * ldo * esz;
-        for (long i = 0; i < I; i++) {
+        long i = 0;
+#ifdef SS_AVX512
+        float a[16];
+        for (; i < I; i += 16) {
+            long n = I - i < 16 ? I - i : 16;
+            __mmask16 m = (__mmask16)((1u << n) - 1u);
+            __m512 g = load16(dt, xt, i, m);
+            _mm512_storeu_ps(a, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(
+                _mm512_setzero_ps(), g)))));
+            for (long j = 0; j < n; j++) store1(dt, ot, i + j, round_dt(dt, a[j]) * load1(dt, xt, I + i + j));
+        }
+#endif
+        for (; i < I; i++) {
             float g = load1(dt, xt, i);
             float a = round_dt(dt, g / (1.0f + expf(-g)));
             store1(dt, ot, i, a * load1(dt, xt, I + i));

@@ -22,16 +22,17 @@ from shardserve.layers.cpu import build
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # Largest row count `linear` takes (more rows: torch's GEMM). Measured on a 2-core AVX-512/BF16 Xeon streaming the
 # 121 weight matrices of SmolLM2-135M (docs/benchmarks.md): the AVX-512 GEMV beats torch up to 8 rows in fp32 and
-# bf16; with AMX (bf16 tiles), 64 rows cost about what one does, so bf16 takes up to 64 (kernels.c decides).
-def linear_max_rows(dtype: torch.dtype) -> int:
+# bf16; with AMX (bf16 tiles, K a multiple of 32) the kernel beats torch's bf16 GEMM at every row count, prefill
+# included (kernels.c decides).
+def linear_max_rows(dtype: torch.dtype, k: int = 0) -> int:
     if dtype not in DTYPES or not available():
         return 0
-    return _max_rows(DTYPES[dtype])
+    return _max_rows(DTYPES[dtype], k)
 
 
 @functools.cache
-def _max_rows(dt: int) -> int:
-    return build.load().ss_linear_max_rows(dt)
+def _max_rows(dt: int, k: int) -> int:
+    return build.load().ss_linear_max_rows(dt, k)
 
 
 def amx() -> bool:
@@ -85,7 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     float_out: the result in float32 -- from the kernel, its fp32 sums unrounded (the LM head: bf16 logits near 20
     are 0.125 apart and tie); from torch's GEMM, the dtype's result cast up."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (not 0 < rows <= linear_max_rows(x.dtype) or weight.dtype != x.dtype or x.device.type != "cpu"
+    if (not 0 < rows <= linear_max_rows(x.dtype, x.shape[-1]) or weight.dtype != x.dtype or x.device.type != "cpu"
             or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)):
         y = F.linear(x, weight, bias)
         return y.float() if float_out else y
