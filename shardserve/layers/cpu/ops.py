@@ -86,8 +86,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     float_out: the result in float32 -- from the kernel, its fp32 sums unrounded (the LM head: bf16 logits near 20
     are 0.125 apart and tie); from torch's GEMM, the dtype's result cast up."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (not 0 < rows <= linear_max_rows(x.dtype, x.shape[-1]) or weight.dtype != x.dtype or x.device.type != "cpu"
-            or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)):
+    if (x.device.type != "cpu" or weight.dtype != x.dtype or weight.stride(-1) != 1
+            or (bias is not None and bias.dtype != x.dtype) or not 0 < rows <= linear_max_rows(x.dtype, x.shape[-1])):
         y = F.linear(x, weight, bias)
         return y.float() if float_out else y
     x2 = _rows(x)
