@@ -63,6 +63,21 @@ static void to_f32(int dt, const void *src, float *dst, long n) {
     }
 }
 
+/* sum_i a[i] * b[i], a float32, b of dtype dt (vectorised by the compiler) */
+static inline float dot_f32(int dt, const float *a, const void *b, long n) {
+    float s = 0.f;
+    if (dt) {
+        const bf16 *bb = (const bf16 *)b;
+#pragma omp simd reduction(+ : s)
+        for (long i = 0; i < n; i++) s += a[i] * bf2f(bb[i]);
+    } else {
+        const float *bf = (const float *)b;
+#pragma omp simd reduction(+ : s)
+        for (long i = 0; i < n; i++) s += a[i] * bf[i];
+    }
+    return s;
+}
+
 int ss_abi_version(void) { return 1; }
 
 /* 1 when AMX bf16 tiles can run in this process: built with AMX and the kernel grants the tile state (Linux asks
@@ -300,6 +315,7 @@ int ss_linear_max_rows(int dt, long K) {  /* most rows ss_linear is meant for (m
 #ifdef SS_AMX
     if (dt && K % 32 == 0 && ss_amx_available()) return 1 << 30;  /* AMX beats torch's bf16 GEMM at every size */
 #endif
+    (void)dt;
     (void)K;
     return 8;
 }
@@ -381,18 +397,7 @@ static void linear_impl(int dt, int out_dt, const void *x, long ldx, const void 
     for (long n = n_begin; n < N; n++) {
         const char *wrow = (const char *)w + n * ldw * esz;
         for (long m = 0; m < M; m++) {
-            const float *xm = xf + m * kp;
-            float s = 0.f;
-            if (dt) {
-                const bf16 *wb = (const bf16 *)wrow;
-#pragma omp simd reduction(+ : s)
-                for (long k = 0; k < K; k++) s += xm[k] * bf2f(wb[k]);
-            } else {
-                const float *wf = (const float *)wrow;
-#pragma omp simd reduction(+ : s)
-                for (long k = 0; k < K; k++) s += xm[k] * wf[k];
-            }
-            float v = s;
+            float v = dot_f32(dt, xf + m * kp, wrow, K);
             if (bias) v += load1(dt, bias, n);
             store1(out_dt, y, m * ldy + n, v);
         }
@@ -575,18 +580,7 @@ long ss_decode_attention(int dt, const void *q, long sqs, long sqh, void *out, c
             size_t off = (size_t)(((hk * NB + tab[j / BS]) * BS + j % BS) * D) * esz;
             const char *kp = kc + off;
             for (long g = 0; g < G; g++) {
-                const float *qg = qf + g * D;
-                float d = 0.f;
-                if (dt) {
-                    const bf16 *kb = (const bf16 *)kp;
-#pragma omp simd reduction(+ : d)
-                    for (long i = 0; i < D; i++) d += qg[i] * bf2f(kb[i]);
-                } else {
-                    const float *kf = (const float *)kp;
-#pragma omp simd reduction(+ : d)
-                    for (long i = 0; i < D; i++) d += qg[i] * kf[i];
-                }
-                d *= scale;
+                float d = dot_f32(dt, qf + g * D, kp, D) * scale;
                 if (softcap > 0.f) d = softcap * tanhf(d / softcap);
                 sc[g * n + (j - start)] = d;
             }
