@@ -3,8 +3,9 @@
 The cache is head-major, [2, kv_heads, blocks, block_size, dim] per layer, so a gather of blocks lands directly
 in SDPA's [kv_heads, len, dim] layout (no transpose copy). Decodes are attended in a few groups of similar
 length, so short sequences are not padded to the longest one. On the CPU, float32/bfloat16 K/V writes and decodes
-go through the C kernels (layers.cpu.ops) in one call per layer for all sequences. SDPA hides the log-sum-exp and has no soft-cap, so
-those (return_lse=True, logits_soft_cap set) take an explicit float32 path (_explicit); the default path is SDPA's."""
+go through the C kernels (layers.cpu.ops) in one call per layer for all sequences. SDPA hides the log-sum-exp and
+has no soft-cap, so those (return_lse=True, logits_soft_cap set) take an explicit float32 path (_explicit); the
+default path is SDPA's."""
 from __future__ import annotations
 
 import torch

@@ -11,7 +11,7 @@ import platform
 
 import torch
 
-from shardserve.layers.cpu import ops
+from shardserve.layers.cpu import build, ops
 
 X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags with bf16 dot-product instructions
 ARM_BF16_FLAGS = ("bf16",)                    # Armv8.6 BF16 (Features line)
@@ -19,20 +19,8 @@ ARM_BF16_FLAGS = ("bf16",)                    # Armv8.6 BF16 (Features line)
 
 def native_bf16_flag(cpuinfo: str | None = None) -> str | None:
     """The CPU feature that gives native bf16 arithmetic, or None; `cpuinfo` is /proc/cpuinfo's text."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return None
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            have = set(value.split())
-            for flag in X86_BF16_FLAGS + ARM_BF16_FLAGS:
-                if flag in have:
-                    return flag
-    return None
+    have = build.cpu_features(cpuinfo)
+    return next((flag for flag in X86_BF16_FLAGS + ARM_BF16_FLAGS if flag in have), None)
 
 
 def cpu_auto_dtype(cpuinfo: str | None = None, kernels: bool | None = None) -> tuple[torch.dtype, str]:

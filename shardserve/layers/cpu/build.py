@@ -53,15 +53,19 @@ def cache_dir() -> Path:
     return Path(root) / "cpu_kernels"
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return os.uname().machine
+def cpu_features(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags: /proc/cpuinfo's `flags` (x86) or `Features` (Arm) line, or `cpuinfo` given."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
 
 
 def _compiler() -> str | None:
@@ -72,7 +76,8 @@ def _compiler() -> str | None:
 def _key(cc: str) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode(),
+    cpu = " ".join(sorted(cpu_features())) or os.uname().machine
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode(),
                  str(ABI_VERSION).encode()):
         h.update(part)
         h.update(b"\0")

@@ -116,8 +116,7 @@ class FusedDecodeLayer:
                                 y.data_ptr(), kv_cache.data_ptr(), blocks, block_size, positions.data_ptr(),
                                 meta.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
                                 tokens, threads)
-        if bad:
-            raise IndexError(f"{bad} position(s), block id(s) or length(s) out of range in a decode step")
+        _check(bad)
         y = _reduce_and_bias(a.o_proj, y)
         out = torch.empty_like(x)
         lib.ss_mlp_block(ctypes.byref(self._mlp), dt, y.data_ptr(), res.data_ptr(), out.data_ptr(), tokens, threads)
@@ -158,9 +157,13 @@ class FusedDecodeStack:
             len(self.layers), self._attn, self._mlp, self._kv, ops.DTYPES[x.dtype], x.data_ptr(), res.data_ptr(),
             residual is not None, cache.shape[2], cache.shape[3], positions.data_ptr(), meta.slot_mapping.data_ptr(),
             tables.data_ptr(), tables.shape[1], lens.data_ptr(), x.shape[0], torch.get_num_threads())
-        if bad:
-            raise IndexError(f"{bad} position(s), block id(s) or length(s) out of range in a decode step")
+        _check(bad)
         return x, res
+
+
+def _check(bad: int) -> None:
+    if bad:
+        raise IndexError(f"{bad} position(s), block id(s) or length(s) out of range in a decode step")
 
 
 def _reduce_and_bias(proj, y: torch.Tensor) -> torch.Tensor:
