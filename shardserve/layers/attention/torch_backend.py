@@ -1,11 +1,13 @@
-"""CPU (and fallback) paged attention: gather each sequence's blocks, then scaled_dot_product_attention.
+"""CPU (and fallback) paged attention.
 
-The cache is head-major, [2, kv_heads, blocks, block_size, dim] per layer, so a gather of blocks lands directly
-in SDPA's [kv_heads, len, dim] layout (no transpose copy). Decodes are attended in a few groups of similar
-length, so short sequences are not padded to the longest one. On the CPU, float32/bfloat16 K/V writes and decodes
-go through the C kernels (layers.cpu.ops) in one call per layer for all sequences. SDPA hides the log-sum-exp and
-has no soft-cap, so those (return_lse=True, logits_soft_cap set) take an explicit float32 path (_explicit); the
-default path is SDPA's."""
+On the CPU with the C kernels (layers.cpu.ops, float32/bfloat16), K/V are written into the cache and one
+paged-attention call per layer attends every sequence of the step, decodes and (chunked) prefills alike, straight
+from the cache. The torch path below is the reference and the fallback: gather each sequence's blocks, then
+scaled_dot_product_attention. The cache is head-major, [2, kv_heads, blocks, block_size, dim] per layer, so a
+gather of blocks lands directly in SDPA's [kv_heads, len, dim] layout (no transpose copy). Decodes are attended in
+a few groups of similar length, so short sequences are not padded to the longest one. SDPA hides the log-sum-exp
+and has no soft-cap, so those (return_lse=True, logits_soft_cap set) take an explicit float32 path (_explicit);
+the default path is SDPA's."""
 from __future__ import annotations
 
 import torch
@@ -90,6 +92,19 @@ def _attend(q, k, v, mask, scale: float, causal: bool, soft_cap: float | None, w
     return _explicit(q, k, v, mask, scale, causal, soft_cap)
 
 
+def _row_ranges(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query_lens, query_starts) int64 tensors of the step, built once and shared by every layer."""
+    cached = meta.derived.get("cpu_rows")
+    if cached is None:
+        starts, acc = [], 0
+        for n in meta.query_lens:
+            starts.append(acc)
+            acc += n
+        cached = meta.derived["cpu_rows"] = (torch.tensor(meta.query_lens, dtype=torch.int64),
+                                             torch.tensor(starts, dtype=torch.int64))
+    return cached
+
+
 class TorchAttentionBackend(AttentionBackend):
     def kv_cache_shape(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (2, kv_heads, num_blocks, block_size, head_dim)
@@ -100,6 +115,11 @@ class TorchAttentionBackend(AttentionBackend):
         tokens, heads, dim = q.shape
         out = torch.empty_like(q)  # [tokens, heads, dim]
         lse = torch.empty(tokens, heads, dtype=torch.float32, device=q.device) if return_lse else None
+        if cpu_ops.handles(q) and cpu_ops.paged_attention(q, out, kv_cache, meta.block_tables, meta.seq_lens_tensor,
+                                                          *_row_ranges(meta), scale, sliding_window,
+                                                          logits_soft_cap, lse):
+            out = out.view(-1, heads * dim)
+            return (out, lse) if return_lse else out
         nd = meta.num_decodes
         if nd:
             self._decode(q[:nd], out, kv_cache, meta, scale, sliding_window, logits_soft_cap, lse)
@@ -141,10 +161,6 @@ class TorchAttentionBackend(AttentionBackend):
                 soft_cap: float | None = None, lse: torch.Tensor | None = None) -> None:
         """One query token per sequence, in groups of similar context length; fills out[:nd] (and lse[:nd])."""
         nd = q.shape[0]
-        if cpu_ops.handles(q) and cpu_ops.decode_attention(
-                q, out[:nd], kv_cache, meta.block_tables, meta.seq_lens_tensor, scale, window, soft_cap,
-                lse[:nd] if lse is not None else None):
-            return
         lens = meta.seq_lens[:nd]
         groups = max(1, min(DECODE_GROUPS_MAX, nd // DECODE_GROUP_MIN))
         order = sorted(range(nd), key=lens.__getitem__) if groups > 1 else list(range(nd))

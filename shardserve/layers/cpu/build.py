@@ -1,4 +1,4 @@
-"""Builds kernels.c into a shared library at first use and loads it with ctypes.
+"""Builds the kernel sources (kernels.c, attention.c, common.h) into one shared library at first use and loads it with ctypes.
 
 The library is compiled for this machine (`gcc -O3 -march=native -fopenmp`) and cached under
 $SHARDSERVE_CACHE_DIR (default ~/.cache/shardserve)/cpu_kernels/, keyed by the source, the compiler, the flags and
@@ -23,12 +23,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "kernels.c", HERE / "attention.c"]
+HEADERS = [HERE / "common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-fno-math-errno"]
-ABI_VERSION = 1  # must match ss_abi_version() in kernels.c
+ABI_VERSION = 2  # must match ss_abi_version() in kernels.c
 
 _P, _I64, _F, _INT = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
-RETURNS_COUNT = ("ss_rotary", "ss_decode_attention", "ss_attn_block", "ss_mlp_block", "ss_decode_stack")  # these return how many inputs were out of range
+RETURNS_COUNT = ("ss_rotary", "ss_paged_attention", "ss_attn_block", "ss_mlp_block", "ss_decode_stack")  # these return how many inputs were out of range
 SIGNATURES = {  # every exported kernel with its argument types (pointers are data_ptr() integers)
     "ss_linear": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT],
     "ss_linear_f32out": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT],
@@ -36,8 +38,8 @@ SIGNATURES = {  # every exported kernel with its argument types (pointers are da
     "ss_silu_and_mul": [_INT, _P, _I64, _P, _I64, _I64, _I64, _INT],
     "ss_rotary": [_INT, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64],
     "ss_write_kv": [_INT, _P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64],
-    "ss_decode_attention": [_INT, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _I64, _F,
-                            _I64, _F, _P, _INT],
+    "ss_paged_attention": [_INT, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _I64,
+                           _I64, _F, _I64, _F, _P, _INT],
     "ss_attn_block": [_P, _INT, _P, _P, _INT, _P, _P, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _INT],
     "ss_mlp_block": [_P, _INT, _P, _P, _P, _I64, _INT],
     "ss_decode_stack": [_I64, _P, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _INT],
@@ -77,7 +79,7 @@ def _key(cc: str) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     h = hashlib.sha256()
     cpu = " ".join(sorted(cpu_features())) or os.uname().machine
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode(),
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(FLAGS).encode(), version.encode(), cpu.encode(),
                  str(ABI_VERSION).encode()):
         h.update(part)
         h.update(b"\0")
@@ -93,7 +95,7 @@ def _build(cc: str, target: Path) -> None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            cmd = [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
+            cmd = [cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if r.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr.strip()[-2000:]}")

@@ -7,78 +7,9 @@
  * dtype codes: 0 = float32, 1 = bfloat16. Every kernel accumulates in float32 and rounds to the tensor dtype with
  * round-to-nearest-even, at the same points as the torch reference ops (see shardserve/layers/cpu/ops.py). Strides
  * are in elements; the last dim of every tensor is contiguous. */
-#define _GNU_SOURCE  /* syscall() for the AMX permission request */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <omp.h>
+#include "common.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define SS_AVX512 1
-#endif
-
-#if defined(SS_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define SS_AMX 1
-#endif
-
-typedef uint16_t bf16;
-
-static inline float bf2f(bf16 h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline bf16 f2bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
-}
-
-static inline float load1(int dt, const void *p, long i) {
-    return dt ? bf2f(((const bf16 *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store1(int dt, void *p, long i, float v) {
-    if (dt) ((bf16 *)p)[i] = f2bf(v);
-    else ((float *)p)[i] = v;
-}
-
-/* value rounded to the tensor dtype (what torch keeps after an op in that dtype) */
-static inline float round_dt(int dt, float v) { return dt ? bf2f(f2bf(v)) : v; }
-
-static void to_f32(int dt, const void *src, float *dst, long n) {
-    if (dt) {
-        const bf16 *s = (const bf16 *)src;
-        for (long i = 0; i < n; i++) dst[i] = bf2f(s[i]);
-    } else {
-        memcpy(dst, src, n * sizeof(float));
-    }
-}
-
-/* sum_i a[i] * b[i], a float32, b of dtype dt (vectorised by the compiler) */
-static inline float dot_f32(int dt, const float *a, const void *b, long n) {
-    float s = 0.f;
-    if (dt) {
-        const bf16 *bb = (const bf16 *)b;
-#pragma omp simd reduction(+ : s)
-        for (long i = 0; i < n; i++) s += a[i] * bf2f(bb[i]);
-    } else {
-        const float *bf = (const float *)b;
-#pragma omp simd reduction(+ : s)
-        for (long i = 0; i < n; i++) s += a[i] * bf[i];
-    }
-    return s;
-}
-
-int ss_abi_version(void) { return 1; }
+int ss_abi_version(void) { return 2; }
 
 /* 1 when AMX bf16 tiles can run in this process: built with AMX and the kernel grants the tile state (Linux asks
  * each process to request it; a CPU that lists amx_* flags in a VM that does not enable them gets 0) */
@@ -117,24 +48,6 @@ int ss_has_avx512(void) {
 #define MR 4   /* x rows per tile */
 #define NR 4   /* weight rows per tile */
 #define PF_TILES 2  /* software prefetch of the weights this many tiles ahead */
-
-static inline __m512 load16(int dt, const void *w, long k, __mmask16 m) {
-    if (dt) {
-        __m256i h = _mm256_maskz_loadu_epi16(m, (const bf16 *)w + k);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_maskz_loadu_ps(m, (const float *)w + k);
-}
-
-/* the horizontal sums of a, b, c, d in one vector (fewer shuffles than four _mm512_reduce_add_ps) */
-static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  /* a0+a2 b0+b2 a1+a3 b1+b3 */
-    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
-                                _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  /* per 128-bit lane: a b c d */
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
 
 /* out[c * NR + r] = x row c . w row r over K; x rows are fp32, zero-padded to a multiple of 16 */
 static inline __attribute__((always_inline)) void tile(int dt, int mr, const float *const *xr,
@@ -447,25 +360,6 @@ void ss_rms_norm(int dt, const void *x, long ldx, const void *res, long ldr, con
     }
 }
 
-#ifdef SS_AVX512
-/* exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error
- * ~1e-7, an ulp of fp32), times 2^n by scalef (which also saturates to 0 and inf at the range ends) */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  /* ln2 = 0.693145752 + 1.42860677e-6 */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
 
 /* silu_and_mul: x [T, 2I] = [gate | up] -> out [T, I] = round(round(silu(gate)) * up); silu in fp32 (the exp
  * vectorized with AVX-512), then the reference's two roundings */
@@ -524,97 +418,6 @@ long ss_rotary(int dt, const void *q, long sqt, long sqh, long Hq, const void *k
     if (bad) return bad;
     rotate_rows(dt, q, sqt, sqh, Hq, qo, T, D, pos, cosc, sinc);
     rotate_rows(dt, k, skt, skh, Hk, ko, T, D, pos, cosc, sinc);
-    return 0;
-}
-
-/* write_kv: cache [2, Hk, S, D] (S = blocks * block_size slots, contiguous); k, v [T, Hk, D] with strides;
- * slot of token t = slots[t] (a negative slot is skipped: a padding token). */
-void ss_write_kv(int dt, const void *k, long skt, long skh, const void *v, long svt, long svh, void *cache, long Hk,
-                 long S, long D, const int64_t *slots, long T) {
-    size_t esz = dt ? 2 : 4;
-    char *kc = (char *)cache, *vc = (char *)cache + (size_t)(Hk * S * D) * esz;
-    for (long t = 0; t < T; t++) {
-        int64_t slot = slots[t];
-        if (slot < 0 || slot >= S) continue;
-        for (long h = 0; h < Hk; h++) {
-            size_t off = (size_t)((h * S + slot) * D) * esz;
-            memcpy(kc + off, (const char *)k + (t * skt + h * skh) * esz, (size_t)D * esz);
-            memcpy(vc + off, (const char *)v + (t * svt + h * svh) * esz, (size_t)D * esz);
-        }
-    }
-}
-
-/* decode_attention: one query token per sequence over its paged context.
- * q [Sq, Hq, D] (strides sqs, sqh); out [Sq, Hq, D] contiguous; cache [2, Hk, NB, BS, D]; tables [Sq, ldt] block ids;
- * lens[s] = context length (the query is the token at position lens[s] - 1). Query head h reads KV head h / (Hq/Hk).
- * Key j is attended when j < len and, with window > 0, j > len - 1 - window. Scores s = q.k * scale, then
- * softcap * tanh(s / softcap) when softcap > 0; lse (float32 [Sq, Hq], may be NULL) = log sum exp(s). */
-/* returns the number of block ids or lengths out of range (then nothing is computed) */
-long ss_decode_attention(int dt, const void *q, long sqs, long sqh, void *out, const void *cache, long Hk, long NB,
-                         long BS, long D, const int64_t *tables, long ldt, const int64_t *lens, long Sq, long Hq,
-                         float scale, long window, float softcap, float *lse, int nthreads) {
-    size_t esz = dt ? 2 : 4;
-    long bad = 0;
-    for (long s = 0; s < Sq; s++) {
-        if (lens[s] < 0 || lens[s] > ldt * BS) { bad++; continue; }
-        for (long b = 0; b < (lens[s] + BS - 1) / BS; b++) bad += tables[s * ldt + b] < 0 || tables[s * ldt + b] >= NB;
-    }
-    if (bad) return bad;
-    long G = Hq / Hk;
-    const char *kc = (const char *)cache, *vc = (const char *)cache + (size_t)(Hk * NB * BS * D) * esz;
-    long keys = 0;  /* below ~64K multiply-adds a parallel region costs more than it saves */
-    for (long s = 0; s < Sq; s++) keys += lens[s];
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && Sq * Hk > 1 && keys * Hq * D >= 65536)
-    for (long task = 0; task < Sq * Hk; task++) {
-        long s = task / Hk, hk = task % Hk;
-        long L = lens[s];
-        long start = window > 0 && L - window > 0 ? L - window : 0;
-        long n = L - start;
-        float *qf = (float *)malloc((size_t)(G * D + G * (n > 0 ? n : 1) + G * D) * sizeof(float));
-        if (!qf) continue;
-        float *sc = qf + G * D, *acc = sc + G * (n > 0 ? n : 1);
-        for (long g = 0; g < G; g++)
-            to_f32(dt, (const char *)q + (s * sqs + (hk * G + g) * sqh) * esz, qf + g * D, D);
-        const int64_t *tab = tables + s * ldt;
-        for (long j = start; j < L; j++) {
-            size_t off = (size_t)(((hk * NB + tab[j / BS]) * BS + j % BS) * D) * esz;
-            const char *kp = kc + off;
-            for (long g = 0; g < G; g++) {
-                float d = dot_f32(dt, qf + g * D, kp, D) * scale;
-                if (softcap > 0.f) d = softcap * tanhf(d / softcap);
-                sc[g * n + (j - start)] = d;
-            }
-        }
-        for (long g = 0; g < G; g++) {
-            float *sg = sc + g * n, mx = -INFINITY, sum = 0.f;
-            for (long j = 0; j < n; j++) mx = sg[j] > mx ? sg[j] : mx;
-            for (long j = 0; j < n; j++) {
-                sg[j] = expf(sg[j] - mx);
-                sum += sg[j];
-            }
-            float inv = sum > 0.f ? 1.0f / sum : 0.f;
-            float *ag = acc + g * D;
-            memset(ag, 0, (size_t)D * sizeof(float));
-            for (long j = 0; j < n; j++) {
-                long pos = start + j;
-                size_t off = (size_t)(((hk * NB + tab[pos / BS]) * BS + pos % BS) * D) * esz;
-                float p = sg[j] * inv;
-                if (dt) {
-                    const bf16 *vb = (const bf16 *)(vc + off);
-#pragma omp simd
-                    for (long i = 0; i < D; i++) ag[i] += p * bf2f(vb[i]);
-                } else {
-                    const float *vf = (const float *)(vc + off);
-#pragma omp simd
-                    for (long i = 0; i < D; i++) ag[i] += p * vf[i];
-                }
-            }
-            char *orow = (char *)out + ((s * Hq + hk * G + g) * D) * esz;
-            for (long i = 0; i < D; i++) store1(dt, orow, i, ag[i]);
-            if (lse) lse[s * Hq + hk * G + g] = n > 0 ? mx + logf(sum) : -INFINITY;
-        }
-        free(qf);
-    }
     return 0;
 }
 

@@ -1,6 +1,6 @@
 """The CPU kernels (kernels.c) behind torch-shaped calls: the per-token layers with the same names and results as the
 Triton module (layers.fused_kernels: rms_norm, fused_add_rms_norm, silu_and_mul, rotary_embedding; fresh outputs),
-a small-batch `linear`, and the paged decode-attention pieces (write_kv_cache, decode_attention).
+a small-batch `linear`, and paged attention (write_kv_cache, paged_attention: decodes and prefills in one call).
 
 Why: a batch-1 decode step on a CPU is ~120 GEMVs that must stream the weights at memory bandwidth, plus ~30 small
 ops per layer that each cost a torch dispatch. torch's bf16 GEMV runs far below bandwidth on CPUs without AMX
@@ -173,22 +173,28 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     return True
 
 
-def decode_attention(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, window: int | None, soft_cap: float | None,
-                     lse: torch.Tensor | None) -> bool:
-    """Attention of one query per sequence, q [seqs, heads, dim], over its paged context, into out [seqs, heads,
-    dim] (contiguous) and lse [seqs, heads] float32 when given; False when the kernel does not take these inputs."""
+def paged_attention(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_lens: torch.Tensor, query_starts: torch.Tensor, scale: float,
+                    window: int | None, soft_cap: float | None, lse: torch.Tensor | None) -> bool:
+    """Attention of every sequence of a step in one call, decodes and (chunked) prefills alike, from the paged cache
+    (which already holds this step's K/V). q [tokens, heads, dim]; sequence i's query_lens[i] rows start at row
+    query_starts[i] and are the last positions of its seq_lens[i] context; out [tokens, heads, dim] and lse [tokens,
+    heads] float32 (when given) contiguous. False when the kernel does not take these inputs."""
+    ints = (block_tables, seq_lens, query_lens, query_starts)
     if not (kv_cache.dtype == q.dtype == out.dtype and kv_cache.is_contiguous() and out.is_contiguous()
-            and q.stride(-1) == 1 and block_tables.dtype == seq_lens.dtype == torch.int64
-            and block_tables.is_contiguous() and seq_lens.is_contiguous()
+            and q.stride(-1) == 1 and all(t.dtype == torch.int64 and t.is_contiguous() for t in ints)
             and (lse is None or (lse.dtype == torch.float32 and lse.is_contiguous()))):
         return False
-    seqs, heads, dim = q.shape
+    tokens, heads, dim = q.shape
     kv_heads, blocks, block_size = kv_cache.shape[1:4]
-    bad = build.load().ss_decode_attention(
+    bad = build.load().ss_paged_attention(
         DTYPES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), kv_cache.data_ptr(), kv_heads,
-        blocks, block_size, dim, block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), seqs, heads,
-        scale, window or 0, soft_cap or 0.0, lse.data_ptr() if lse is not None else None, _threads())
+        blocks, block_size, dim, block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(),
+        query_lens.data_ptr(), query_starts.data_ptr(), seq_lens.shape[0], tokens, heads, scale, window or 0,
+        soft_cap or 0.0, lse.data_ptr() if lse is not None else None, _threads())
+    if bad < 0:
+        raise MemoryError("the CPU attention kernel could not allocate its work buffers")
     if bad:
-        raise IndexError(f"{bad} block id(s) or length(s) outside the KV cache in a decode step")
+        raise IndexError(f"{bad} block id(s), length(s) or query row range(s) outside the KV cache or the batch in an "
+                         "attention step")
     return True
