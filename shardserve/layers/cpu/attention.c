@@ -67,18 +67,128 @@ static void store_pos(const struct attn_args *a, long t, long hk, const float *a
     }
 }
 
+#ifdef SS_AVX512
+static inline __mmask16 lanes16(long n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
+
+/* the rows of keys j .. j + n - 1 (within one block) into the caches ahead of their use */
+static inline void prefetch_keys(const struct attn_args *a, const char *plane, const int64_t *tab, long hk, long j,
+                                 long n) {
+    const char *r = key_row(a, plane, tab, hk, j);
+    for (size_t o = 0, bytes = (size_t)(n * a->D) * a->esz; o < bytes; o += 64) _mm_prefetch(r + o, _MM_HINT_T0);
+}
+
+/* sc[g * lds + i] = q_g . k_{lo + i} for the 4 keys at rows kr .. kr + 3 (one block), i = j - lo */
+static inline void scores4(const struct attn_args *a, const float *qf, long Dp, const char *kr, float *sc, long lds) {
+    const long D = a->D, G = a->G;
+#ifdef __AVX512BF16__
+    if (a->dt) {  /* bf16 pairs straight from the rows: VDPBF16PS, no conversion */
+        const size_t rs = (size_t)D * 2;
+        for (long g = 0; g < G; g++) {
+            const __m512i *qv = (const __m512i *)(qf + 2 * G * Dp) + g * (Dp / 32);  /* q_g as bf16 (attend_pos) */
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            for (long d = 0, c = 0; d < D; d += 32, c++) {
+                __mmask32 m = D - d >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (D - d)) - 1u);
+                __m512bh q = (__m512bh)_mm512_loadu_si512(qv + c);
+                s0 = _mm512_dpbf16_ps(s0, q, (__m512bh)_mm512_maskz_loadu_epi16(m, kr + d * 2));
+                s1 = _mm512_dpbf16_ps(s1, q, (__m512bh)_mm512_maskz_loadu_epi16(m, kr + rs + d * 2));
+                s2 = _mm512_dpbf16_ps(s2, q, (__m512bh)_mm512_maskz_loadu_epi16(m, kr + 2 * rs + d * 2));
+                s3 = _mm512_dpbf16_ps(s3, q, (__m512bh)_mm512_maskz_loadu_epi16(m, kr + 3 * rs + d * 2));
+            }
+            _mm_storeu_ps(sc + g * lds, hsum4(s0, s1, s2, s3));
+        }
+        return;
+    }
+#endif
+    const size_t rs = (size_t)D * a->esz;
+    for (long g = 0; g < G; g++) {
+        const float *qg = qf + g * Dp;
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (long d = 0; d < D; d += 16) {
+            __mmask16 m = lanes16(D - d);
+            __m512 q = _mm512_loadu_ps(qg + d);
+            s0 = _mm512_fmadd_ps(q, load16(a->dt, kr, d, m), s0);
+            s1 = _mm512_fmadd_ps(q, load16(a->dt, kr + rs, d, m), s1);
+            s2 = _mm512_fmadd_ps(q, load16(a->dt, kr + 2 * rs, d, m), s2);
+            s3 = _mm512_fmadd_ps(q, load16(a->dt, kr + 3 * rs, d, m), s3);
+        }
+        _mm_storeu_ps(sc + g * lds, hsum4(s0, s1, s2, s3));
+    }
+}
+
+/* acc[g][d0 .. d0 + 64) += sum_j p_g(j) v_j[d0 ..] for heads g0 .. g0 + gn - 1 (gn <= 4): 16 accumulators held in
+ * registers over all the keys lo .. p, so each V row is converted once per 64 dims and 4 heads. dt is a constant in
+ * each of the two callers below (inlined), so the loads carry no dtype test. */
+static inline __attribute__((always_inline)) void pv_block_dt(const int dt, const int gn, const struct attn_args *a,
+                                                              const int64_t *tab, long hk, long lo, long p,
+                                                              const float *sc, long lds, long g0, long d0,
+                                                              float *acc, long Dp) {
+    const long D = a->D, BS = a->BS, dn = D - d0;
+    __mmask16 m[4];
+    for (int c = 0; c < 4; c++) m[c] = lanes16(dn - 16 * c > 0 ? dn - 16 * c : 0);
+    __m512 o[4][4];
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; g++)
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) o[g][c] = _mm512_setzero_ps();
+    const float *s0 = sc + g0 * lds - lo, *s1 = s0 + lds, *s2 = s1 + lds, *s3 = s2 + lds;
+    for (long j = lo; j <= p;) {
+        long off = j % BS, cnt = BS - off < p + 1 - j ? BS - off : p + 1 - j;
+        if (j + cnt <= p) prefetch_keys(a, a->vc, tab, hk, j + cnt, BS < p + 1 - j - cnt ? BS : p + 1 - j - cnt);
+        const char *vr = key_row(a, a->vc, tab, hk, j) + (size_t)d0 * (dt ? 2 : 4);
+        for (long r = 0; r < cnt; r++, vr += (size_t)D * (dt ? 2 : 4)) {
+            __m512 v[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) v[c] = load16(dt, vr, 16 * c, m[c]);
+            const long i = j + r;
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {  /* gn is a constant: the unused heads compile away */
+                o[0][c] = _mm512_fmadd_ps(_mm512_set1_ps(s0[i]), v[c], o[0][c]);
+                if (gn > 1) o[1][c] = _mm512_fmadd_ps(_mm512_set1_ps(s1[i]), v[c], o[1][c]);
+                if (gn > 2) o[2][c] = _mm512_fmadd_ps(_mm512_set1_ps(s2[i]), v[c], o[2][c]);
+                if (gn > 3) o[3][c] = _mm512_fmadd_ps(_mm512_set1_ps(s3[i]), v[c], o[3][c]);
+            }
+        }
+        j += cnt;
+    }
+    for (int g = 0; g < gn; g++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + (g0 + g) * Dp + d0 + 16 * c, o[g][c]);
+}
+
+static void pv_block(const struct attn_args *a, const int64_t *tab, long hk, long lo, long p, const float *sc,
+                     long lds, long g0, long gn, long d0, float *acc, long Dp) {
+#define PV(dt, gn) pv_block_dt(dt, gn, a, tab, hk, lo, p, sc, lds, g0, d0, acc, Dp)
+    switch (gn + 4 * (a->dt != 0)) {
+    case 1: PV(0, 1); break;
+    case 2: PV(0, 2); break;
+    case 3: PV(0, 3); break;
+    case 4: PV(0, 4); break;
+    case 5: PV(1, 1); break;
+    case 6: PV(1, 2); break;
+    case 7: PV(1, 3); break;
+    default: PV(1, 4); break;
+    }
+#undef PV
+}
+#endif
+
 /* The G heads of KV head hk for query row t at position p (keys lo..p). work: G * (2 * Dp + p - lo + 5) + 4 * Dp
- * floats, Dp = D rounded up to 16. */
+ * floats, Dp = D rounded up to 64. */
 static void attend_pos(const struct attn_args *a, const int64_t *tab, long hk, long t, long p, float *work) {
     const int dt = a->dt;
-    const long G = a->G, D = a->D, Dp = (D + 15) & ~15L, BS = a->BS;
+    const long G = a->G, D = a->D, Dp = (D + 63) & ~63L, BS = a->BS;
     const long lo = a->window > 0 && p + 1 - a->window > 0 ? p + 1 - a->window : 0, n = p + 1 - lo;
-    float *qf = work, *acc = qf + G * Dp, *kf = acc + G * Dp, *sc = kf + 4 * Dp;  /* sc: G rows of n (+4) scores */
-    const long lds = n + 4;
+    float *qf = work, *acc = qf + G * Dp, *sc = acc + 2 * G * Dp;  /* acc's second half: the bf16 copy of q */
+    const long lds = n + 4;  /* sc: G rows of n (+4) scores */
     float mx[G], sum[G];
     for (long g = 0; g < G; g++) {
         memset(qf + g * Dp, 0, (size_t)Dp * sizeof(float));
-        to_f32(dt, a->q + (size_t)(t * a->sqt + (hk * G + g) * a->sqh) * a->esz, qf + g * Dp, D);
+        const char *qr = a->q + (size_t)(t * a->sqt + (hk * G + g) * a->sqh) * a->esz;
+        to_f32(dt, qr, qf + g * Dp, D);
+        if (dt) {  /* q as bf16, zero-padded to 32-element chunks (the VDPBF16PS path reads it) */
+            bf16 *qb = (bf16 *)(qf + 2 * G * Dp) + g * Dp;
+            memset(qb, 0, (size_t)Dp * 2);
+            memcpy(qb, qr, (size_t)D * 2);
+        }
     }
     /* scores */
     for (long j = lo; j <= p;) {
@@ -86,26 +196,8 @@ static void attend_pos(const struct attn_args *a, const int64_t *tab, long hk, l
         const char *kr = key_row(a, a->kc, tab, hk, j);
         long r = 0;
 #ifdef SS_AVX512
-        const long nc = Dp / 16;
-        const __mmask16 mlast = D % 16 ? (__mmask16)((1u << (D % 16)) - 1u) : (__mmask16)0xffff;
-        for (; r + 4 <= cnt; r += 4) {
-            for (long i = 0; i < 4; i++)
-                for (long c = 0; c < nc; c++)
-                    _mm512_storeu_ps(kf + i * Dp + c * 16,
-                                     load16(dt, kr + (size_t)((r + i) * D) * a->esz, c * 16, c == nc - 1 ? mlast : 0xffff));
-            for (long g = 0; g < G; g++) {
-                __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-                const float *qg = qf + g * Dp;
-                for (long c = 0; c < nc; c++) {
-                    __m512 qv = _mm512_loadu_ps(qg + c * 16);
-                    s0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kf + c * 16), s0);
-                    s1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kf + Dp + c * 16), s1);
-                    s2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kf + 2 * Dp + c * 16), s2);
-                    s3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kf + 3 * Dp + c * 16), s3);
-                }
-                _mm_storeu_ps(sc + g * lds + (j + r - lo), hsum4(s0, s1, s2, s3));
-            }
-        }
+        if (j + cnt <= p) prefetch_keys(a, a->kc, tab, hk, j + cnt, BS < p + 1 - j - cnt ? BS : p + 1 - j - cnt);
+        for (; r + 4 <= cnt; r += 4) scores4(a, qf, Dp, kr + (size_t)(r * D) * a->esz, sc + (j + r - lo), lds);
 #endif
         for (; r < cnt; r++)
             for (long g = 0; g < G; g++)
@@ -115,15 +207,28 @@ static void attend_pos(const struct attn_args *a, const int64_t *tab, long hk, l
     /* softmax (unnormalised: the sum divides at the end) */
     for (long g = 0; g < G; g++) {
         float *sg = sc + g * lds, m = -INFINITY, s = 0.f;
-        for (long i = 0; i < n; i++) {
+        long i = 0;
+#ifdef SS_AVX512
+        if (a->softcap <= 0.f) {  /* scale and max, vectorised */
+            __m512 vmax = _mm512_set1_ps(-INFINITY), vsc = _mm512_set1_ps(a->scale);
+            for (; i < n; i += 16) {
+                __mmask16 k = lanes16(n - i);
+                __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sg + i), vsc);
+                _mm512_mask_storeu_ps(sg + i, k, x);
+                vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+            }
+            m = _mm512_reduce_max_ps(vmax);
+        }
+#endif
+        for (; i < n; i++) {
             sg[i] = cap_score(a, sg[i]);
             m = sg[i] > m ? sg[i] : m;
         }
-        long i = 0;
+        i = 0;
 #ifdef SS_AVX512
         __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(m);
         for (; i < n; i += 16) {
-            __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+            __mmask16 k = lanes16(n - i);
             __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + i), vm)));
             _mm512_mask_storeu_ps(sg + i, k, e);
             vs = _mm512_add_ps(vs, e);
@@ -138,30 +243,25 @@ static void attend_pos(const struct attn_args *a, const int64_t *tab, long hk, l
         sum[g] = s;
     }
     /* P.V */
+#ifdef SS_AVX512
+    for (long g0 = 0; g0 < G; g0 += 4)
+        for (long d0 = 0; d0 < D; d0 += 64)
+            pv_block(a, tab, hk, lo, p, sc, lds, g0, G - g0 < 4 ? G - g0 : 4, d0, acc, Dp);
+#else
     memset(acc, 0, (size_t)(G * Dp) * sizeof(float));
     for (long j = lo; j <= p;) {
         long off = j % BS, cnt = BS - off < p + 1 - j ? BS - off : p + 1 - j;
         const char *vr = key_row(a, a->vc, tab, hk, j);
         for (long r = 0; r < cnt; r++) {
             const char *row = vr + (size_t)(r * D) * a->esz;
-            long idx = j + r - lo, d = 0;
-#ifdef SS_AVX512
-            for (; d < D; d += 16) {
-                __mmask16 k = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1u);
-                __m512 v = load16(dt, row, d, k);
-                for (long g = 0; g < G; g++) {
-                    float *ag = acc + g * Dp + d;
-                    _mm512_storeu_ps(ag, _mm512_fmadd_ps(_mm512_set1_ps(sc[g * lds + idx]), v, _mm512_loadu_ps(ag)));
-                }
-            }
-#endif
-            for (; d < D; d++) {
+            for (long d = 0; d < D; d++) {
                 float v = load1(dt, row, d);
-                for (long g = 0; g < G; g++) acc[g * Dp + d] += sc[g * lds + idx] * v;
+                for (long g = 0; g < G; g++) acc[g * Dp + d] += sc[g * lds + j + r - lo] * v;
             }
         }
         j += cnt;
     }
+#endif
     store_pos(a, t, hk, acc, Dp, mx, sum);
 }
 
@@ -344,9 +444,9 @@ long ss_paged_attention(int dt, const void *q, long sqt, long sqh, void *out, co
         }
     }
     qsort(tasks, (size_t)n, sizeof(struct attn_task), by_cost_desc);  /* longest first: even finish across threads */
-    const long G = Hq / Hk, Dp = (D + 15) & ~15L;
+    const long G = Hq / Hk;
     const long wtile = 2 * G * D * 16 + 2 * 16 * D + 2 * G * 16;
-    const long wpos = G * (2 * Dp + max_ctx + 5) + 4 * Dp;
+    const long Dq = (D + 63) & ~63L, wpos = G * (3 * Dq + max_ctx + 4);
     const size_t wsize = (size_t)(wtile > wpos ? wtile : wpos) * sizeof(float);
     int fail = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n > 1 && work * Hq * D >= 65536)

@@ -150,6 +150,29 @@ struct ss_tilecfg {
     uint8_t rows[16];
 };
 
+/* r[0..15] (rows) -> its transpose, in place: 48 shuffles (unpack pairs, 4-row groups, then 128-bit lanes) */
+static inline void transpose16(__m512 *r) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);      /* a0 b0 a1 b1 per 128-bit lane */
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);  /* a2 b2 a3 b3 */
+    }
+    for (int i = 0; i < 4; i++) {
+        u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);      /* a0 b0 c0 d0 per lane: columns 0 4 8 12 */
+        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);  /* columns 1 5 9 13 */
+        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; c++) {  /* u[c], u[4 + c], u[8 + c], u[12 + c]: rows a-d, e-h, i-l, m-p of columns c, c+4, c+8, c+12 */
+        __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        r[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+        r[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        r[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+}
+
 /* bf16 y[m, n] (+ bias[n]) for n < nfull (a multiple of 16), K % 32 == 0, with AMX: y^T = w . x^T, so the weight
  * rows load straight into the A tile (16 rows x 32 k) and only x is rearranged, into k-pair panels for the B tile.
  * Per pass of AMX_PANEL rows of x the weights stream from memory once; inside a pass each block of 16 weight rows
@@ -163,10 +186,16 @@ static void linear_amx(const bf16 *x, long ldx, const bf16 *w, long ldw, const b
     if (!xv) return;
     for (long p0 = 0; p0 < M; p0 += AMX_PANEL) {
         long pm = M - p0 < AMX_PANEL ? M - p0 : AMX_PANEL, mb = (pm + 15) / 16;
-        memset(xv, 0, (size_t)(mb * kp * 16) * 4);
-        for (long m = 0; m < pm; m++)  /* panel m / 16, row r: (x[m][2r], x[m][2r + 1]) at column m % 16 */
-            for (long r = 0; r < kp; r++)
-                memcpy(xv + ((m / 16) * kp + r) * 16 + m % 16, x + (p0 + m) * ldx + 2 * r, 4);
+        for (long b = 0; b < mb; b++)  /* panel b, row r: (x[m][2r], x[m][2r + 1]) at column m % 16, m = 16 b + .. */
+            for (long r0 = 0; r0 < kp; r0 += 16) {
+                __m512 rows[16];
+                __mmask16 k = kp - r0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (kp - r0)) - 1u);
+                for (long i = 0; i < 16; i++)
+                    rows[i] = 16 * b + i < pm ? _mm512_maskz_loadu_ps(k, x + (p0 + 16 * b + i) * ldx + 2 * r0)
+                                              : _mm512_setzero_ps();
+                transpose16(rows);
+                for (long i = 0; i < 16 && r0 + i < kp; i++) _mm512_storeu_ps(xv + (b * kp + r0 + i) * 16, rows[i]);
+            }
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && nblocks >= 16)
         {
             struct ss_tilecfg cfg;
@@ -208,12 +237,18 @@ static void linear_amx(const bf16 *x, long ldx, const bf16 *w, long ldw, const b
                         default: _tile_stored(3, out, 64); break;
                         }
                         long m0 = p0 + (q0 + j) * 16;
-                        for (long c = 0; c < 16 && m0 + c < M; c++)
-                            for (int n = 0; n < 16; n++) {
-                                float v = out[n * 16 + c];
-                                if (bias) v += bf2f(bias[nb * 16 + n]);
-                                store1(out_dt, y, (m0 + c) * ldy + nb * 16 + n, v);
-                            }
+                        __m512 cols[16];  /* out is [16 n][16 m]: transposed, row c is y[m0 + c][nb * 16 ..] */
+                        for (int n = 0; n < 16; n++) cols[n] = _mm512_loadu_ps(out + n * 16);
+                        transpose16(cols);
+                        __m512 bv = bias ? load16(1, bias, nb * 16, 0xffff) : _mm512_setzero_ps();
+                        for (long c = 0; c < 16 && m0 + c < M; c++) {
+                            __m512 v = _mm512_add_ps(cols[c], bv);
+                            if (out_dt)
+                                _mm256_storeu_si256((__m256i *)((bf16 *)y + (m0 + c) * ldy + nb * 16),
+                                                    (__m256i)_mm512_cvtneps_pbh(v));
+                            else
+                                _mm512_storeu_ps((float *)y + (m0 + c) * ldy + nb * 16, v);
+                        }
                     }
                 }
             }
