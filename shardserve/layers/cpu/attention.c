@@ -68,8 +68,6 @@ static void store_pos(const struct attn_args *a, long t, long hk, const float *a
 }
 
 #ifdef SS_AVX512
-static inline __mmask16 lanes16(long n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
-
 /* the rows of keys j .. j + n - 1 (within one block) into the caches ahead of their use */
 static inline void prefetch_keys(const struct attn_args *a, const char *plane, const int64_t *tab, long hk, long j,
                                  long n) {

@@ -36,7 +36,7 @@ SIGNATURES = {  # every exported kernel with its argument types (pointers are da
     "ss_linear_f32out": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT],
     "ss_rms_norm": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _F, _INT],
     "ss_silu_and_mul": [_INT, _P, _I64, _P, _I64, _I64, _I64, _INT],
-    "ss_rotary": [_INT, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64],
+    "ss_rotary": [_INT, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT],
     "ss_write_kv": [_INT, _P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64],
     "ss_paged_attention": [_INT, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _I64,
                            _I64, _F, _I64, _F, _P, _INT],

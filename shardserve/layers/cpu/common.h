@@ -85,6 +85,29 @@ static inline __m512 load16(int dt, const void *w, long k, __mmask16 m) {
     return _mm512_maskz_loadu_ps(m, (const float *)w + k);
 }
 
+/* v rounded to bf16 with round-to-nearest-even (f2bf for 16 lanes; NaN stays NaN) */
+static inline __m256i f2bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_srli_epi32(r, 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static inline void store16(int dt, void *p, long i, __m512 v, __mmask16 m) {
+    if (dt) _mm256_mask_storeu_epi16((bf16 *)p + i, m, f2bf16(v));
+    else _mm512_mask_storeu_ps((float *)p + i, m, v);
+}
+
+/* v as the dtype keeps it (round_dt for 16 lanes) */
+static inline __m512 round16(int dt, __m512 v) {
+    return dt ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(f2bf16(v)), 16)) : v;
+}
+
+static inline __mmask16 lanes16(long n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1u); }
+
 /* the horizontal sums of a, b, c, d in one vector (fewer shuffles than four _mm512_reduce_add_ps) */
 static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  /* a0+a2 b0+b2 a1+a3 b1+b3 */

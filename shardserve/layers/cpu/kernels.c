@@ -372,25 +372,48 @@ void ss_linear_f32out(int dt, const void *x, long ldx, const void *w, long ldw, 
 void ss_rms_norm(int dt, const void *x, long ldx, const void *res, long ldr, const void *w, void *out, long ldo,
                  void *res_out, long ldro, long T, long H, float eps, int nthreads) {
     size_t esz = dt ? 2 : 4;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && T >= 32)
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && T * H >= 16384)
     for (long t = 0; t < T; t++) {
         const char *xt = (const char *)x + t * ldx * esz;
-        float *s = (float *)malloc((size_t)H * sizeof(float));
+        float *s = (float *)malloc((size_t)(H + 16) * sizeof(float));
         if (!s) continue;
-        for (long i = 0; i < H; i++) s[i] = load1(dt, xt, i);
-        if (res) {
-            const char *rt = (const char *)res + t * ldr * esz;
-            char *rot = (char *)res_out + t * ldro * esz;
-            for (long i = 0; i < H; i++) {
+        const char *rt = res ? (const char *)res + t * ldr * esz : NULL;
+        char *rot = res ? (char *)res_out + t * ldro * esz : NULL;
+        float ss = 0.f;
+        long i = 0;
+#ifdef SS_AVX512
+        __m512 acc = _mm512_setzero_ps();
+        for (; i < H; i += 16) {  /* the residual add rounded to the dtype, as the reference keeps it */
+            __mmask16 m = lanes16(H - i);
+            __m512 v = load16(dt, xt, i, m);
+            if (res) {
+                v = round16(dt, _mm512_add_ps(v, load16(dt, rt, i, m)));
+                store16(dt, rot, i, v, m);
+            }
+            _mm512_storeu_ps(s + i, v);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        ss = _mm512_reduce_add_ps(acc);
+#else
+        for (; i < H; i++) {
+            s[i] = load1(dt, xt, i);
+            if (res) {
                 s[i] = round_dt(dt, s[i] + load1(dt, rt, i));
                 store1(dt, rot, i, s[i]);
             }
+            ss += s[i] * s[i];
         }
-        float ss = 0.f;
-        for (long i = 0; i < H; i++) ss += s[i] * s[i];
+#endif
         float r = 1.0f / sqrtf(ss / (float)H + eps);
         char *ot = (char *)out + t * ldo * esz;
-        for (long i = 0; i < H; i++) store1(dt, ot, i, load1(dt, w, i) * round_dt(dt, s[i] * r));
+        i = 0;
+#ifdef SS_AVX512
+        for (__m512 vr = _mm512_set1_ps(r); i < H; i += 16) {
+            __mmask16 m = lanes16(H - i);
+            store16(dt, ot, i, _mm512_mul_ps(load16(dt, w, i, m), round16(dt, _mm512_mul_ps(_mm512_loadu_ps(s + i), vr))), m);
+        }
+#endif
+        for (; i < H; i++) store1(dt, ot, i, load1(dt, w, i) * round_dt(dt, s[i] * r));
         free(s);
     }
 }
@@ -407,14 +430,12 @@ void ss_silu_and_mul(int dt, const void *x, long ldx, void *out, long ldo, long 
         char *ot = (char *)out + t * ldo * esz;
         long i = 0;
 #ifdef SS_AVX512
-        float a[16];
         for (; i < I; i += 16) {
-            long n = I - i < 16 ? I - i : 16;
-            __mmask16 m = (__mmask16)((1u << n) - 1u);
+            __mmask16 m = lanes16(I - i);
             __m512 g = load16(dt, xt, i, m);
-            _mm512_storeu_ps(a, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(
+            __m512 a = round16(dt, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(
                 _mm512_setzero_ps(), g)))));
-            for (long j = 0; j < n; j++) store1(dt, ot, i + j, round_dt(dt, a[j]) * load1(dt, xt, I + i + j));
+            store16(dt, ot, i, _mm512_mul_ps(a, load16(dt, xt, I + i, m)), m);
         }
 #endif
         for (; i < I; i++) {
@@ -428,15 +449,27 @@ void ss_silu_and_mul(int dt, const void *x, long ldx, void *out, long ldo, long 
 /* rotary (neox, rotate-half) of q [T, Hq, D] and k [T, Hk, D] (token and head strides given) into contiguous
  * qo [T, Hq, D] and ko [T, Hk, D]; cos/sin [P, D] float32 rows picked by pos[t]; fp32 math, one rounding. */
 static void rotate_rows(int dt, const void *x, long st, long sh, long H, void *o, long T, long D,
-                        const int64_t *pos, const float *cosc, const float *sinc) {
+                        const int64_t *pos, const float *cosc, const float *sinc, int nthreads) {
     size_t esz = dt ? 2 : 4;
     long half = D / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && T * H * D >= 32768)
     for (long t = 0; t < T; t++) {
         const float *c = cosc + pos[t] * D, *s = sinc + pos[t] * D;
         for (long h = 0; h < H; h++) {
             const char *xr = (const char *)x + (t * st + h * sh) * esz;
             char *orow = (char *)o + (t * H + h) * D * esz;
-            for (long i = 0; i < half; i++) {
+            long i = 0;
+#ifdef SS_AVX512
+            for (; i < half; i += 16) {  /* separate products and sum (no FMA): the scalar code's rounding */
+                __mmask16 m = lanes16(half - i);
+                __m512 a = load16(dt, xr, i, m), b = load16(dt, xr, i + half, m);
+                __m512 c0 = _mm512_maskz_loadu_ps(m, c + i), c1 = _mm512_maskz_loadu_ps(m, c + half + i);
+                __m512 s0 = _mm512_maskz_loadu_ps(m, s + i), s1 = _mm512_maskz_loadu_ps(m, s + half + i);
+                store16(dt, orow, i, _mm512_sub_ps(_mm512_mul_ps(a, c0), _mm512_mul_ps(b, s0)), m);
+                store16(dt, orow, i + half, _mm512_add_ps(_mm512_mul_ps(b, c1), _mm512_mul_ps(a, s1)), m);
+            }
+#endif
+            for (; i < half; i++) {
                 float a = load1(dt, xr, i), b = load1(dt, xr, i + half);
                 store1(dt, orow, i, a * c[i] - b * s[i]);
                 store1(dt, orow, i + half, b * c[i + half] + a * s[i + half]);
@@ -447,12 +480,13 @@ static void rotate_rows(int dt, const void *x, long st, long sh, long H, void *o
 
 /* returns the number of positions outside [0, P) (then nothing is written) */
 long ss_rotary(int dt, const void *q, long sqt, long sqh, long Hq, const void *k, long skt, long skh, long Hk,
-               void *qo, void *ko, const int64_t *pos, const float *cosc, const float *sinc, long P, long T, long D) {
+               void *qo, void *ko, const int64_t *pos, const float *cosc, const float *sinc, long P, long T, long D,
+               int nthreads) {
     long bad = 0;
     for (long t = 0; t < T; t++) bad += pos[t] < 0 || pos[t] >= P;
     if (bad) return bad;
-    rotate_rows(dt, q, sqt, sqh, Hq, qo, T, D, pos, cosc, sinc);
-    rotate_rows(dt, k, skt, skh, Hk, ko, T, D, pos, cosc, sinc);
+    rotate_rows(dt, q, sqt, sqh, Hq, qo, T, D, pos, cosc, sinc, nthreads);
+    rotate_rows(dt, k, skt, skh, Hk, ko, T, D, pos, cosc, sinc, nthreads);
     return 0;
 }
 
@@ -501,7 +535,7 @@ long ss_attn_block(const struct ss_attn_weights *w, int dt, const void *x, void 
                         (float)w->qk_eps, 1);
         }
     long bad = ss_rotary(dt, qkv, width, D, w->heads, qkv + nq * esz, width, D, w->kv_heads, q, k, pos, w->cos,
-                         w->sin, w->max_pos, T, D);
+                         w->sin, w->max_pos, T, D, nthreads);
     if (!bad) {
         ss_write_kv(dt, k, nkv, D, qkv + (nq + nkv) * esz, width, D, kv_cache, w->kv_heads, blocks * block_size, D,
                     slots, T);

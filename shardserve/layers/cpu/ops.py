@@ -153,7 +153,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     qo, ko = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
     bad = build.load().ss_rotary(DTYPES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), heads, k.data_ptr(),
                                  k.stride(0), k.stride(1), k.shape[1], qo.data_ptr(), ko.data_ptr(), pos.data_ptr(),
-                                 cos.data_ptr(), sin.data_ptr(), cos.shape[0], tokens, dim)
+                                 cos.data_ptr(), sin.data_ptr(), cos.shape[0], tokens, dim, _threads())
     if bad:
         raise IndexError(f"{bad} rotary position(s) outside [0, {cos.shape[0]}) (max_position_embeddings)")
     return qo, ko
