@@ -241,14 +241,8 @@ static void linear_amx(const bf16 *x, long ldx, const bf16 *w, long ldw, const b
                         for (int n = 0; n < 16; n++) cols[n] = _mm512_loadu_ps(out + n * 16);
                         transpose16(cols);
                         __m512 bv = bias ? load16(1, bias, nb * 16, 0xffff) : _mm512_setzero_ps();
-                        for (long c = 0; c < 16 && m0 + c < M; c++) {
-                            __m512 v = _mm512_add_ps(cols[c], bv);
-                            if (out_dt)
-                                _mm256_storeu_si256((__m256i *)((bf16 *)y + (m0 + c) * ldy + nb * 16),
-                                                    (__m256i)_mm512_cvtneps_pbh(v));
-                            else
-                                _mm512_storeu_ps((float *)y + (m0 + c) * ldy + nb * 16, v);
-                        }
+                        for (long c = 0; c < 16 && m0 + c < M; c++)
+                            store16(out_dt, y, (m0 + c) * ldy + nb * 16, _mm512_add_ps(cols[c], bv), 0xffff);
                     }
                 }
             }
