@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"tp": tp, "pp": eargs.pipeline_parallel_size, "allreduce": mode, "hardware": device_name(cfg.device, _hardware()),
+                       "dtype": str(cfg.model.dtype).removeprefix("torch."),
                        "weight_bytes_per_step": weight_bytes, "copy_gbps": copy_gbps,
                        "torch": torch.__version__, "model": engine.cfg.model.model, "threads": threads,
                        "results": rows,

@@ -97,11 +97,12 @@ def run(args: argparse.Namespace) -> int:
            "engine_elapsed_s": elapsed, "num_prompts": args.num_prompts, "output_tokens": wl.num_output_tokens,
            "prompt_tokens": wl.num_prompt_tokens, "model": model_dir,
            "tp": eargs.tensor_parallel_size, "pp": eargs.pipeline_parallel_size,
+           "dtype": str(cfg.model.dtype).removeprefix("torch.") if cfg else None,
            "hardware": torch.cuda.get_device_name() if cfg and cfg.device.startswith("cuda") else
            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
            "torch": torch.__version__}
     print(f"engine:       {res['engine_tok_s']:.1f} output tok/s ({res['engine_total_tok_s']:.1f} total tok/s, "
-          f"{elapsed:.1f} s for {wl.num_output_tokens} output tokens)")
+          f"{elapsed:.1f} s for {wl.num_output_tokens} output tokens, {res['dtype']})")
     if args.compare_hf:
         hf_elapsed = run_hf(model_dir, wl, args.hf_batch_size, cfg.model.dtype if cfg else torch.float32,
                             cfg.device if cfg else "cpu")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shardserve.bench import comm, kernels, latency
+from shardserve.layers.cpu.auto_dtype import cpu_auto_dtype
 
 
 def _parse(mod, argv: list[str]) -> argparse.Namespace:
@@ -93,6 +94,7 @@ def test_latency_tp1_run_writes_json(tiny_model, tmp_path, monkeypatch, capsys):
         enable_collective_timing(False)
     data = json.loads(out.read_text())
     assert data["tp"] == 1 and [r["batch_size"] for r in data["results"]] == [1, 3]
+    assert data["dtype"] == str(cpu_auto_dtype()[0]).removeprefix("torch.")  # --dtype auto, resolved
     for r in data["results"]:
         assert r["prefill_ms"] > 0 and r["tpot_ms"] > 0 and r["decode_steps"] == 3  # output 4 = 1 prefill + 3
         assert r["decode_tok_s"] == pytest.approx(r["batch_size"] / r["tpot_ms"] * 1e3)

@@ -191,3 +191,4 @@ def test_throughput_bench_runs_the_same_requests_one_after_another(fake_llama_cp
     assert data["llamacpp_tok_s"] == pytest.approx(wl.num_output_tokens / data["llamacpp_elapsed_s"])
     assert data["llamacpp_ratio"] == pytest.approx(data["engine_tok_s"] / data["llamacpp_tok_s"])
     assert data["llamacpp"]["threads"] == torch.get_num_threads() and "sequential" in data["llamacpp_mode"]
+    assert data["dtype"] in ("float32", "bfloat16") and f"output tokens, {data['dtype']})" in text
