@@ -122,7 +122,7 @@ static inline __attribute__((always_inline)) void pv_block_dt(const int dt, cons
                                                               float *acc, long Dp) {
     const long D = a->D, BS = a->BS, dn = D - d0;
     __mmask16 m[4];
-    for (int c = 0; c < 4; c++) m[c] = lanes16(dn - 16 * c > 0 ? dn - 16 * c : 0);
+    for (int c = 0; c < 4; c++) m[c] = lanes16(dn - 16 * c);
     __m512 o[4][4];
 #pragma GCC unroll 4
     for (int g = 0; g < 4; g++)
@@ -169,8 +169,8 @@ static void pv_block(const struct attn_args *a, const int64_t *tab, long hk, lon
 }
 #endif
 
-/* The G heads of KV head hk for query row t at position p (keys lo..p). work: G * (2 * Dp + p - lo + 5) + 4 * Dp
- * floats, Dp = D rounded up to 64. */
+/* The G heads of KV head hk for query row t at position p (keys lo..p). work: G * (3 * Dp + p - lo + 5) floats,
+ * Dp = D rounded up to 64. */
 static void attend_pos(const struct attn_args *a, const int64_t *tab, long hk, long t, long p, float *work) {
     const int dt = a->dt;
     const long G = a->G, D = a->D, Dp = (D + 63) & ~63L, BS = a->BS;
@@ -304,7 +304,7 @@ static void attend_tile(const struct attn_args *a, const int64_t *tab, long hk, 
             if (j < nk) {
                 const char *kr = key_row(a, a->kc, tab, hk, k0 + j), *vr = key_row(a, a->vc, tab, hk, k0 + j);
                 for (long d = 0; d < D; d += 16) {
-                    __mmask16 k = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1u);
+                    __mmask16 k = lanes16(D - d);
                     _mm512_mask_storeu_ps(kd + d, k, load16(dt, kr, d, k));
                     _mm512_mask_storeu_ps(vd + d, k, load16(dt, vr, d, k));
                 }

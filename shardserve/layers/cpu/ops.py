@@ -22,8 +22,9 @@ from shardserve.layers.cpu import build
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # Largest row count `linear` takes (more rows: torch's GEMM). Measured on a 2-core AVX-512/BF16 Xeon streaming the
 # 121 weight matrices of SmolLM2-135M (docs/benchmarks.md): the AVX-512 GEMV beats torch up to 8 rows in fp32 and
-# bf16; with AMX (bf16 tiles, K a multiple of 32) the kernel beats torch's bf16 GEMM at every row count, prefill
-# included (kernels.c decides).
+# bf16; with AMX (bf16 tiles, K a multiple of 32) the kernel takes every row count: ahead of torch's bf16 GEMM below
+# ~64 rows and level with it (0.8-1.1x, this VM's noise) at prefill sizes, and it is the one the fused decode stack
+# calls (kernels.c decides).
 def linear_max_rows(dtype: torch.dtype, k: int = 0) -> int:
     if dtype not in DTYPES or not available():
         return 0
